@@ -1,0 +1,86 @@
+"""The `lifelong` command: a thin dispatcher over one module per verb group.
+
+Each verb-group module exposes ``register(subparsers)`` which adds its sub-commands and
+sets ``func`` (called with the parsed namespace, returns an exit code) on each of them.
+Exit codes: 0 ok, 1 failure, 2 usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# Verb-group modules, in the order they appear in `lifelong --help`.
+MODULES = [
+    "lifelong.cli.demo",
+]
+
+STORE_ENV = "LIFELONG_STORE"
+
+
+class CLIError(Exception):
+    """A failure to report as one line (plus an optional hint) and exit code 1."""
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.hint = hint
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lifelong",
+        description="Continually train a PEER language model with a versioned expert store.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Example:\n  lifelong demo --quick\n  lifelong --store ./store versions",
+    )
+    parser.add_argument(
+        "--store",
+        default=os.environ.get(STORE_ENV),
+        help=f"path of the expert store (default: ${STORE_ENV})",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [CLIError, ValueError, FileNotFoundError, PermissionError]
+    for module, attr in (
+        ("lifelong.errors", "LifelongError"),
+        ("expert_store.errors", "StoreError"),
+        ("streams.errors", "StreamError"),
+    ):
+        try:
+            errors.append(getattr(importlib.import_module(module), attr))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except _known_errors() as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        hint = getattr(exc, "hint", None)
+        if hint:
+            print(f"hint: {hint}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

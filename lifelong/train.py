@@ -1,0 +1,147 @@
+"""The training loop, written out in one function, plus evaluation loss and batching."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .config import TrainConfig
+from .model import PEERLM
+from .optim import RowAdam
+
+__all__ = ["train", "evaluate_loss", "random_batches", "TrainResult", "lr_factor"]
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_loss: float
+    losses: list[float] = field(default_factory=list)
+    tokens: int = 0
+    seconds: float = 0.0
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def random_batches(blocks: np.ndarray, batch_size: int, seed: int) -> Iterator[Tensor]:
+    """Endless (B, L+1) batches drawn from token blocks (n, L+1) in a seeded shuffled order."""
+    if len(blocks) == 0:
+        raise ValueError("no training blocks: the data is too small for one block")
+    rng = np.random.default_rng(seed)
+    while True:
+        order = rng.permutation(len(blocks))
+        if len(order) < batch_size:
+            order = rng.integers(0, len(blocks), batch_size)
+        for i in range(0, len(order) - batch_size + 1, batch_size):
+            yield torch.from_numpy(np.ascontiguousarray(blocks[order[i : i + batch_size]])).long()
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to ``min_lr_ratio``."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@torch.no_grad()
+def evaluate_loss(model: PEERLM, blocks: np.ndarray, batch_size: int = 8, max_batches: int | None = None) -> float:
+    """Mean next-token cross-entropy (nats) over token blocks (n, L+1), in eval mode."""
+    if len(blocks) == 0:
+        raise ValueError("no evaluation blocks")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    try:
+        for b, i in enumerate(range(0, len(blocks), batch_size)):
+            if max_batches is not None and b >= max_batches:
+                break
+            batch = torch.from_numpy(np.ascontiguousarray(blocks[i : i + batch_size])).long().to(device)
+            _, loss = model(batch[:, :-1], batch[:, 1:])
+            n = batch[:, 1:].numel()
+            total += float(loss) * n
+            count += n
+    finally:
+        model.train(was_training)
+    return total / count
+
+
+def train(
+    model: PEERLM,
+    batches: Iterator[Tensor],
+    cfg: TrainConfig,
+    *,
+    eval_blocks: np.ndarray | None = None,
+    on_step: Callable[[int, float, float], None] | None = None,
+    progress: bool = True,
+    should_stop: Callable[[], bool] | None = None,
+) -> TrainResult:
+    """Train ``model`` for ``cfg.steps`` steps on (B, L+1) token batches.
+
+    Dense, query and key parameters: AdamW (no weight decay on norms, biases and keys).
+    Expert tables: :class:`RowAdam`, touching only the rows each batch retrieved.
+    Only trainable parts get optimizer state: frozen keys are buffers or have
+    ``requires_grad=False``, frozen experts lie below each layer's ``trainable_start``.
+    """
+    device = next(model.parameters()).device
+    groups = model.param_groups()
+    dense = groups["dense"] + groups["query"]
+    decay = [p for p in dense if p.ndim >= 2]
+    no_decay = [p for p in dense if p.ndim < 2] + groups["key"]
+    param_groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    adamw = torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(0.9, 0.95)) if param_groups else None
+    rows = RowAdam(groups["expert"], lr=cfg.expert_lr)
+    clip_params = [p for g in param_groups for p in g["params"]]
+
+    model.train()
+    result = TrainResult(steps=0, final_loss=float("nan"))
+    start = time.perf_counter()
+    bar = tqdm(range(cfg.steps), desc="train", unit="step", disable=not progress, leave=False)
+    for step in bar:
+        if should_stop is not None and should_stop():
+            break
+        factor = lr_factor(step, cfg)
+        if adamw is not None:
+            for g in adamw.param_groups:
+                g["lr"] = cfg.lr * factor
+        rows.lr = cfg.expert_lr * factor
+
+        batch = next(batches).to(device)  # (B, L+1)
+        _, loss = model(batch[:, :-1], batch[:, 1:])
+        if adamw is not None:
+            adamw.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip_params and cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(clip_params, cfg.grad_clip)
+        if adamw is not None:
+            adamw.step()
+        rows.step()
+
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise FloatingPointError(f"training loss became {value} at step {step}; lower the learning rate")
+        result.losses.append(value)
+        result.tokens += batch[:, 1:].numel()
+        result.steps = step + 1
+        bar.set_postfix(loss=f"{value:.3f}")
+        if on_step is not None:
+            on_step(step, value, cfg.lr * factor)
+        if eval_blocks is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+            result.eval_losses.append((step + 1, evaluate_loss(model, eval_blocks, cfg.batch_size, cfg.eval_batches)))
+    bar.close()
+    result.seconds = time.perf_counter() - start
+    result.final_loss = float(np.mean(result.losses[-10:])) if result.losses else float("nan")
+    if eval_blocks is not None:
+        result.eval_losses.append((result.steps, evaluate_loss(model, eval_blocks, cfg.batch_size, cfg.eval_batches)))
+    return result
