@@ -1,0 +1,75 @@
+"""Versioned storage of expert shards: content-addressed safetensors objects + a database.
+
+Knows tensors and metadata only — never a model class. See ``docs/store.md``.
+
+Typical use::
+
+    store = ExpertStore.init("run/store", config={"d_model": 256})
+    v1 = store.commit(shards=[NewShard("blocks.0.peer", 0, 64, 64 * 128, tensors)],
+                      dense=dense, message="first", parent=None)
+    store.rollback("HEAD~1")
+"""
+
+from __future__ import annotations
+
+from .diff import LayerDiff, VersionDiff
+from .errors import (
+    BudgetExceededError,
+    ConflictError,
+    CorruptObjectError,
+    InvalidCommitError,
+    MissingObjectError,
+    NotAStoreError,
+    ReadOnlyStoreError,
+    RefError,
+    SchemaVersionError,
+    StoreError,
+    StoreExistsError,
+    UnknownShardError,
+    UnknownVersionError,
+)
+from .objects import atomic_write
+from .records import (
+    ExistingShard,
+    GcResult,
+    NewShard,
+    Problem,
+    RefInfo,
+    ReflogEntry,
+    ShardInfo,
+    VersionInfo,
+)
+from .residency import Checkout, Residency
+from .schema import SCHEMA_VERSION
+from .store import ExpertStore
+
+__all__ = [
+    "ExpertStore",
+    "NewShard",
+    "ExistingShard",
+    "ShardInfo",
+    "VersionInfo",
+    "RefInfo",
+    "ReflogEntry",
+    "Problem",
+    "GcResult",
+    "VersionDiff",
+    "LayerDiff",
+    "Residency",
+    "Checkout",
+    "atomic_write",
+    "SCHEMA_VERSION",
+    "StoreError",
+    "NotAStoreError",
+    "StoreExistsError",
+    "SchemaVersionError",
+    "ReadOnlyStoreError",
+    "UnknownVersionError",
+    "UnknownShardError",
+    "InvalidCommitError",
+    "ConflictError",
+    "RefError",
+    "CorruptObjectError",
+    "MissingObjectError",
+    "BudgetExceededError",
+]

@@ -1,0 +1,190 @@
+"""Plain dataclasses that cross the store's API: what goes into a commit, what comes out.
+
+Nothing here touches the database or the disk; :func:`shard_info` and
+:func:`version_info` convert ORM rows into these records.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .schema import Reflog, Ref, Shard, Version
+
+__all__ = [
+    "NewShard",
+    "ExistingShard",
+    "ShardInfo",
+    "VersionInfo",
+    "RefInfo",
+    "ReflogEntry",
+    "Problem",
+    "GcResult",
+    "shard_info",
+    "version_info",
+    "ref_info",
+    "reflog_entry",
+]
+
+
+@dataclass
+class NewShard:
+    """A shard to be written by a commit: rows ``[row_start, row_end)`` of ``layer``."""
+
+    layer: str
+    row_start: int
+    row_end: int
+    n_experts: int
+    tensors: dict[str, torch.Tensor]
+    frozen: bool = False
+
+
+@dataclass(frozen=True)
+class ExistingShard:
+    """Reuse an already stored shard row as is: nothing is rewritten or re-hashed."""
+
+    shard_id: int
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """A stored shard (one row of ``shards``)."""
+
+    id: int
+    object_hash: str
+    layer: str
+    row_start: int
+    row_end: int
+    n_experts: int
+    dtype: str
+    bytes: int  # tensor payload bytes: what the shard occupies once loaded
+    frozen: bool
+    created_by: str | None
+    created_at: datetime
+
+    @property
+    def rows(self) -> int:
+        return self.row_end - self.row_start
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """An immutable version: ordered shards, dense (and optimizer) objects, JSON facts."""
+
+    id: int
+    parent: int | None
+    message: str
+    created_at: datetime
+    metrics: dict[str, Any]
+    config: dict[str, Any]
+    cursors: dict[str, Any]
+    dense_hash: str
+    optimizer_hash: str | None
+    shards: list[ShardInfo] = field(default_factory=list)
+
+    def layers(self) -> dict[str, list[ShardInfo]]:
+        """Shards grouped by layer, in version order."""
+        grouped: dict[str, list[ShardInfo]] = {}
+        for shard in self.shards:
+            grouped.setdefault(shard.layer, []).append(shard)
+        return grouped
+
+    @property
+    def shard_bytes(self) -> int:
+        return sum(shard.bytes for shard in self.shards)
+
+    @property
+    def n_experts(self) -> int:
+        return sum(shard.n_experts for shard in self.shards)
+
+
+@dataclass(frozen=True)
+class RefInfo:
+    name: str
+    version_id: int
+    kind: str  # "ref" (movable) or "tag" (fixed)
+
+
+@dataclass(frozen=True)
+class ReflogEntry:
+    id: int
+    ref: str
+    old: int | None
+    new: int
+    when: datetime
+    who: str
+    why: str
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One finding of :meth:`ExpertStore.verify`."""
+
+    kind: str  # "missing-object" | "corrupt-object" | "bad-row"
+    detail: str
+    hash: str | None = None
+    shard_ids: tuple[int, ...] = ()
+    version_ids: tuple[int, ...] = ()
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.detail}"
+
+
+@dataclass(frozen=True)
+class GcResult:
+    """What :meth:`ExpertStore.gc` removed (or would remove, on a dry run)."""
+
+    objects: list[str]
+    temp_files: list[Path]
+    bytes: int
+    dry_run: bool
+
+
+def _utc(value: datetime) -> datetime:
+    """Datetimes come back naive from SQLite; they were written in UTC."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
+
+
+def shard_info(row: Shard) -> ShardInfo:
+    return ShardInfo(
+        id=row.id,
+        object_hash=row.object_hash,
+        layer=row.layer,
+        row_start=row.row_start,
+        row_end=row.row_end,
+        n_experts=row.n_experts,
+        dtype=row.dtype,
+        bytes=row.bytes,
+        frozen=row.frozen,
+        created_by=row.created_by,
+        created_at=_utc(row.created_at),
+    )
+
+
+def version_info(row: Version) -> VersionInfo:
+    return VersionInfo(
+        id=row.id,
+        parent=row.parent_id,
+        message=row.message,
+        created_at=_utc(row.created_at),
+        metrics=dict(row.metrics or {}),
+        config=dict(row.config or {}),
+        cursors=dict(row.cursors or {}),
+        dense_hash=row.dense_hash,
+        optimizer_hash=row.optimizer_hash,
+        shards=[shard_info(link.shard) for link in row.shard_links],
+    )
+
+
+def ref_info(row: Ref) -> RefInfo:
+    return RefInfo(name=row.name, version_id=row.version_id, kind=row.kind)
+
+
+def reflog_entry(row: Reflog) -> ReflogEntry:
+    return ReflogEntry(
+        id=row.id, ref=row.ref, old=row.old, new=row.new, when=_utc(row.when), who=row.who, why=row.why
+    )

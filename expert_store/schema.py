@@ -1,0 +1,217 @@
+"""SQLAlchemy 2 ORM tables of the expert store, engine setup and the schema-version check.
+
+Portable SQL only (SQLite by default, any SQLAlchemy URL works). On SQLite the engine is
+put in WAL mode with a busy timeout so several processes can read while one writes, and
+write transactions start with ``BEGIN IMMEDIATE`` so two writers queue instead of failing
+late with a snapshot error.
+
+Other packages create their own tables on the same engine with their own ``MetaData``;
+this module's tables live in :data:`Base.metadata` only.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Engine,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    event,
+    inspect,
+    select,
+)
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
+
+from .errors import NotAStoreError, SchemaVersionError
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "Base",
+    "Meta",
+    "Shard",
+    "Version",
+    "VersionShard",
+    "Ref",
+    "Reflog",
+    "make_engine",
+    "create_schema",
+    "check_schema",
+    "utcnow",
+    "WRITE",
+]
+
+#: Bumped on every incompatible change of the tables below.
+SCHEMA_VERSION = 1
+
+#: Execution option that marks a connection as a writer (``BEGIN IMMEDIATE`` on SQLite).
+WRITE = "expert_store_write"
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    """Declarative base of the store's own tables."""
+
+
+class Meta(Base):
+    """Key/value facts about the store: ``schema_version``, ``store_id``, ``config``."""
+
+    __tablename__ = "meta"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+class Shard(Base):
+    """One block of rows of one layer: row keys plus the experts' tensors, as one object."""
+
+    __tablename__ = "shards"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    object_hash: Mapped[str] = mapped_column(String(64), index=True)
+    layer: Mapped[str] = mapped_column(String(255), index=True)
+    row_start: Mapped[int] = mapped_column(Integer)
+    row_end: Mapped[int] = mapped_column(Integer)
+    n_experts: Mapped[int] = mapped_column(BigInteger)
+    dtype: Mapped[str] = mapped_column(String(64))
+    bytes: Mapped[int] = mapped_column(BigInteger)  # tensor payload bytes
+    frozen: Mapped[bool] = mapped_column(Boolean)
+    created_by: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Version(Base):
+    """An immutable snapshot: ordered shards + dense weights + metrics + stream cursors."""
+
+    __tablename__ = "versions"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("versions.id"), nullable=True, index=True)
+    message: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    dense_hash: Mapped[str] = mapped_column(String(64))
+    optimizer_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    config: Mapped[dict[str, Any]] = mapped_column(JSON)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
+    cursors: Mapped[dict[str, Any]] = mapped_column(JSON)
+    shard_links: Mapped[list[VersionShard]] = relationship(
+        order_by="VersionShard.position", lazy="selectin"
+    )
+
+
+class VersionShard(Base):
+    """Membership of a shard in a version, with its position in the version's list."""
+
+    __tablename__ = "version_shards"
+    version_id: Mapped[int] = mapped_column(ForeignKey("versions.id"), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)
+    shard_id: Mapped[int] = mapped_column(ForeignKey("shards.id"), index=True)
+    shard: Mapped[Shard] = relationship(lazy="joined")
+
+
+class Ref(Base):
+    """A name pointing at a version. ``kind`` is ``"ref"`` (movable) or ``"tag"`` (fixed)."""
+
+    __tablename__ = "refs"
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("versions.id"))
+    kind: Mapped[str] = mapped_column(String(8), default="ref")
+
+
+class Reflog(Base):
+    """Every move of every ref: old and new version, when, who, why."""
+
+    __tablename__ = "reflog"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    ref: Mapped[str] = mapped_column(String(255), index=True)
+    old: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    new: Mapped[int] = mapped_column(Integer)
+    when: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    who: Mapped[str] = mapped_column(String(255))
+    why: Mapped[str] = mapped_column(Text)
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    """WAL, busy timeout, foreign keys, and BEGIN IMMEDIATE for writers (pysqlite)."""
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # we emit BEGIN ourselves
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA foreign_keys = ON")
+        try:
+            cursor.execute("PRAGMA journal_mode = WAL")  # persistent; a no-op once set
+        except dbapi_connection.OperationalError:
+            pass  # read-only file: readers still work in the mode it has
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        immediate = conn.get_execution_options().get(WRITE, False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``url``; SQLite gets WAL, busy timeout and immediate write locks."""
+    engine = create_engine(url)
+    if engine.dialect.name == "sqlite":
+        _configure_sqlite(engine)
+    return engine
+
+
+def create_schema(engine: Engine, store_id: str, config: dict[str, Any]) -> None:
+    """Create the tables and record schema version, store id and store config."""
+    Base.metadata.create_all(engine)
+    with Session(engine.execution_options(**{WRITE: True})) as session, session.begin():
+        session.add_all(
+            [
+                Meta(key="schema_version", value=str(SCHEMA_VERSION)),
+                Meta(key="store_id", value=store_id),
+                Meta(key="config", value=json.dumps(config, sort_keys=True)),
+            ]
+        )
+
+
+def read_meta(engine: Engine) -> dict[str, str]:
+    """All meta rows; :class:`NotAStoreError` when the database has no store tables."""
+    try:
+        if not inspect(engine).has_table(Meta.__tablename__):
+            raise NotAStoreError(f"database {engine.url!r} holds no expert store (no meta table)")
+        with Session(engine) as session:
+            return {row.key: row.value for row in session.scalars(select(Meta))}
+    except OperationalError as exc:
+        raise NotAStoreError(f"cannot read store database {engine.url!r}: {exc.orig}") from exc
+
+
+def check_schema(meta: dict[str, str]) -> None:
+    """Refuse a database whose schema version is missing, unknown or newer than this code."""
+    raw = meta.get("schema_version")
+    try:
+        found = int(raw) if raw is not None else None
+    except ValueError:
+        found = None
+    if found is None:
+        raise SchemaVersionError(f"store database has an unreadable schema version {raw!r}")
+    if found > SCHEMA_VERSION:
+        raise SchemaVersionError(
+            f"store database has schema version {found}, newer than this code's "
+            f"{SCHEMA_VERSION}; upgrade expert_store to open it"
+        )
+    if found < SCHEMA_VERSION:
+        raise SchemaVersionError(
+            f"store database has old schema version {found} (this code: {SCHEMA_VERSION}) "
+            "and no migration exists for it"
+        )

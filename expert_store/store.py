@@ -1,0 +1,471 @@
+"""The expert store: a directory of objects plus a database of shards, versions and refs.
+
+Layout::
+
+    <path>/store.json      marker: format, store id, where the database is
+    <path>/store.db        SQLite database (unless a URL was given)
+    <path>/objects/ab/...  content-addressed safetensors objects
+
+A commit writes its objects first, then inserts shard and version rows and moves the ref
+(compare-and-swap) in one transaction. A crash before the transaction commits leaves only
+unreachable objects, which :meth:`ExpertStore.gc` removes.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import socket
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+from sqlalchemy import Engine, select
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
+
+from . import maintenance
+from .diff import VersionDiff, diff_versions
+from .errors import (
+    CorruptObjectError,
+    InvalidCommitError,
+    NotAStoreError,
+    ReadOnlyStoreError,
+    StoreError,
+    StoreExistsError,
+    UnknownShardError,
+    UnknownVersionError,
+)
+from .objects import ObjectStore, atomic_write
+from .records import (
+    ExistingShard,
+    GcResult,
+    NewShard,
+    Problem,
+    RefInfo,
+    ReflogEntry,
+    ShardInfo,
+    VersionInfo,
+    ref_info,
+    reflog_entry,
+    shard_info,
+    version_info,
+)
+from .refs import HEAD, create_tag, move_ref, resolve
+from .schema import (
+    WRITE,
+    Ref,
+    Reflog,
+    Shard,
+    Version,
+    VersionShard,
+    check_schema,
+    create_schema,
+    make_engine,
+    read_meta,
+    utcnow,
+)
+
+__all__ = ["ExpertStore", "MARKER", "FORMAT"]
+
+MARKER = "store.json"
+FORMAT = "expert_store"
+DB_FILE = "store.db"
+OBJECTS_DIR = "objects"
+
+Spec = Union[int, str]
+
+
+def default_who() -> str:
+    """``user@host``, for reflog entries."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+def _check_json(name: str, value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidCommitError(f"{name} must be a dict, not {type(value).__name__}")
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError) as exc:
+        raise InvalidCommitError(f"{name} is not JSON-serialisable: {exc}") from exc
+    return value
+
+
+def _dtype_name(tensors: dict[str, torch.Tensor]) -> str:
+    return ",".join(sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}))
+
+
+def _check_new_shard(shard: NewShard) -> None:
+    if not shard.layer or not isinstance(shard.layer, str):
+        raise InvalidCommitError(f"shard layer must be a non-empty str, got {shard.layer!r}")
+    if not 0 <= shard.row_start < shard.row_end:
+        raise InvalidCommitError(
+            f"shard of {shard.layer!r} has an empty or negative row range "
+            f"[{shard.row_start}, {shard.row_end})"
+        )
+    if shard.n_experts < 0:
+        raise InvalidCommitError(f"shard of {shard.layer!r} has n_experts={shard.n_experts}")
+    if not shard.tensors:
+        raise InvalidCommitError(f"shard of {shard.layer!r} rows {shard.row_start}..{shard.row_end} has no tensors")
+
+
+def _check_overlaps(shards: Sequence[Shard]) -> None:
+    """Within one version, the row ranges of a layer's shards must be disjoint."""
+    by_layer: dict[str, list[Shard]] = {}
+    for shard in shards:
+        by_layer.setdefault(shard.layer, []).append(shard)
+    for layer, rows in by_layer.items():
+        rows = sorted(rows, key=lambda s: s.row_start)
+        for before, after in zip(rows, rows[1:]):
+            if after.row_start < before.row_end:
+                raise InvalidCommitError(
+                    f"layer {layer!r}: shard rows [{before.row_start}, {before.row_end}) and "
+                    f"[{after.row_start}, {after.row_end}) overlap"
+                )
+
+
+class ExpertStore:
+    """A versioned store of expert shards. Create with :meth:`init`, reopen with :meth:`open`."""
+
+    def __init__(self, path: Path, engine: Engine, config: dict[str, Any], store_id: str) -> None:
+        self.path = path
+        self.engine = engine
+        self.config = config
+        self.store_id = store_id
+        self.objects = ObjectStore(path / OBJECTS_DIR)
+        self._writer = engine.execution_options(**{WRITE: True})
+
+    # ---------------------------------------------------------------- create / open
+
+    @classmethod
+    def init(cls, path: str | os.PathLike[str], config: dict[str, Any] | None = None, url: str | None = None) -> ExpertStore:
+        """Create a new store at ``path`` (an absent or empty directory).
+
+        ``url`` is any SQLAlchemy URL for the database; by default a SQLite file
+        ``store.db`` inside ``path``. Raises :class:`StoreExistsError` if a store exists
+        there (or in the database), :class:`ReadOnlyStoreError` if it cannot be written.
+        """
+        path = Path(path)
+        config = _check_json("config", config)
+        if (path / MARKER).exists():
+            raise StoreExistsError(f"{path} already holds an expert store; open it instead")
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise StoreExistsError(f"{path} exists and is not an empty directory; refusing to init a store there")
+        try:
+            (path / OBJECTS_DIR).mkdir(parents=True, exist_ok=True)
+        except PermissionError as exc:
+            raise ReadOnlyStoreError(f"cannot create a store at {path}: {exc.strerror}") from exc
+        engine = make_engine(url or f"sqlite:///{path / DB_FILE}")
+        try:
+            read_meta(engine)
+        except NotAStoreError:
+            pass
+        else:
+            engine.dispose()
+            raise StoreExistsError(f"database {engine.url!r} already holds an expert store")
+        store_id = uuid.uuid4().hex
+        with _read_only_guard(path):
+            create_schema(engine, store_id, config)
+        marker = {"format": FORMAT, "store_id": store_id, "database": "default" if url is None else "url"}
+        atomic_write(path / MARKER, json.dumps(marker, indent=2).encode() + b"\n")
+        return cls(path, engine, config, store_id)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], url: str | None = None) -> ExpertStore:
+        """Open the store at ``path``; :class:`NotAStoreError` if there is none."""
+        path = Path(path)
+        try:
+            marker = json.loads((path / MARKER).read_text())
+        except FileNotFoundError as exc:
+            raise NotAStoreError(f"{path} is not an expert store (no {MARKER}); create one with init") from exc
+        except (OSError, ValueError) as exc:
+            raise NotAStoreError(f"{path / MARKER} is unreadable: {exc}") from exc
+        if not isinstance(marker, dict) or marker.get("format") != FORMAT:
+            raise NotAStoreError(f"{path / MARKER} is not an expert store marker")
+        if marker.get("database") == "url" and url is None:
+            raise NotAStoreError(f"the store at {path} keeps its database elsewhere: pass its url")
+        engine = make_engine(url or f"sqlite:///{path / DB_FILE}")
+        try:
+            meta = read_meta(engine)
+            check_schema(meta)
+            if meta.get("store_id") != marker.get("store_id"):
+                raise NotAStoreError(f"database {engine.url!r} belongs to another store than {path}")
+        except StoreError:
+            engine.dispose()
+            raise
+        return cls(path, engine, json.loads(meta.get("config", "{}")), marker["store_id"])
+
+    def close(self) -> None:
+        """Release database connections."""
+        self.engine.dispose()
+
+    def __enter__(self) -> ExpertStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"ExpertStore({str(self.path)!r})"
+
+    # ---------------------------------------------------------------- sessions
+
+    def _read(self) -> Session:
+        return Session(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def _write(self) -> Iterator[Session]:
+        """One write transaction (``BEGIN IMMEDIATE`` on SQLite); commit on success."""
+        with _read_only_guard(self.path), Session(self._writer, expire_on_commit=False) as session:
+            with session.begin():
+                yield session
+
+    # ---------------------------------------------------------------- commit
+
+    def commit(
+        self,
+        *,
+        shards: Sequence[NewShard | ExistingShard],
+        dense: dict[str, torch.Tensor],
+        message: str,
+        parent: int | None,
+        metrics: dict[str, Any] | None = None,
+        cursors: dict[str, Any] | None = None,
+        config: dict[str, Any] | None = None,
+        optimizer: dict[str, torch.Tensor] | None = None,
+        ref: str | None = HEAD,
+        who: str | None = None,
+        created_by: str | None = None,
+    ) -> VersionInfo:
+        """Store a new version and move ``ref`` to it.
+
+        New shards and the dense (and optimizer) tensors are written as objects first; then
+        one transaction inserts the rows and compare-and-swaps ``ref``: if the ref exists
+        it must still point at ``parent`` (else :class:`ConflictError`, nothing changes);
+        if it does not exist it is created. ``ref=None`` moves no ref.
+        """
+        metrics = _check_json("metrics", metrics)
+        cursors = _check_json("cursors", cursors)
+        config = _check_json("config", config)
+        if not dense:
+            raise InvalidCommitError("dense weights are empty; a version needs its dense weights")
+        for shard in shards:
+            if isinstance(shard, NewShard):
+                _check_new_shard(shard)
+            elif not isinstance(shard, ExistingShard):
+                raise InvalidCommitError(f"shards must be NewShard or ExistingShard, not {type(shard).__name__}")
+
+        written = {id(s): self.objects.put(s.tensors) for s in shards if isinstance(s, NewShard)}
+        dense_obj = self.objects.put(dense)
+        optimizer_hash = self.objects.put(optimizer).hash if optimizer else None
+
+        now = utcnow()
+        who = who or default_who()
+        with self._write() as session:
+            if parent is not None and session.get(Version, parent) is None:
+                raise UnknownVersionError(f"parent version {parent} does not exist")
+            rows: list[Shard] = []
+            for shard in shards:
+                if isinstance(shard, ExistingShard):
+                    row = session.get(Shard, shard.shard_id)
+                    if row is None:
+                        raise UnknownShardError(f"shard {shard.shard_id} does not exist")
+                else:
+                    obj = written[id(shard)]
+                    row = Shard(
+                        object_hash=obj.hash,
+                        layer=shard.layer,
+                        row_start=shard.row_start,
+                        row_end=shard.row_end,
+                        n_experts=shard.n_experts,
+                        dtype=_dtype_name(shard.tensors),
+                        bytes=obj.payload_bytes,
+                        frozen=shard.frozen,
+                        created_by=created_by,
+                        created_at=now,
+                    )
+                    session.add(row)
+                rows.append(row)
+            _check_overlaps(rows)
+            version = Version(
+                parent_id=parent,
+                message=message,
+                created_at=now,
+                dense_hash=dense_obj.hash,
+                optimizer_hash=optimizer_hash,
+                config=config,
+                metrics=metrics,
+                cursors=cursors,
+            )
+            session.add(version)
+            session.flush()
+            session.add_all(
+                VersionShard(version_id=version.id, position=i, shard_id=row.id) for i, row in enumerate(rows)
+            )
+            if ref is not None:
+                exists = session.get(Ref, ref) is not None
+                move_ref(
+                    session, ref, version.id, expected=parent if exists else None, who=who,
+                    why=f"commit: {message}",
+                )
+            session.flush()
+            session.refresh(version)
+            return version_info(version)
+
+    # ---------------------------------------------------------------- addressing and history
+
+    def resolve(self, spec: Spec) -> int:
+        """Version id named by ``spec`` (id, ``"v12"``, ref/tag, ``"HEAD~2"``)."""
+        with self._read() as session:
+            return resolve(session, spec)
+
+    def head(self) -> int | None:
+        """The version HEAD points at, or None in an empty store."""
+        with self._read() as session:
+            ref = session.get(Ref, HEAD)
+            return ref.version_id if ref is not None else None
+
+    def version(self, spec: Spec = HEAD) -> VersionInfo:
+        with self._read() as session:
+            return version_info(session.get(Version, resolve(session, spec)))
+
+    def versions(self) -> list[VersionInfo]:
+        """All versions, oldest first."""
+        with self._read() as session:
+            return [version_info(v) for v in session.scalars(select(Version).order_by(Version.id))]
+
+    def log(self, spec: Spec = HEAD, limit: int | None = None) -> list[VersionInfo]:
+        """The first-parent chain from ``spec`` back to the root, newest first."""
+        out: list[VersionInfo] = []
+        with self._read() as session:
+            row = session.get(Version, resolve(session, spec))
+            while row is not None and (limit is None or len(out) < limit):
+                out.append(version_info(row))
+                row = session.get(Version, row.parent_id) if row.parent_id is not None else None
+        return out
+
+    def diff(self, a: Spec, b: Spec) -> VersionDiff:
+        """What changed from version ``a`` to version ``b``."""
+        return diff_versions(self.version(a), self.version(b))
+
+    def shard(self, shard_id: int) -> ShardInfo:
+        with self._read() as session:
+            row = session.get(Shard, shard_id)
+            if row is None:
+                raise UnknownShardError(f"shard {shard_id} does not exist")
+            return shard_info(row)
+
+    def shard_versions(self, shard_id: int) -> list[int]:
+        """Ids of the versions that contain shard ``shard_id``."""
+        with self._read() as session:
+            stmt = select(VersionShard.version_id).where(VersionShard.shard_id == shard_id).order_by(VersionShard.version_id)
+            return list(session.scalars(stmt))
+
+    # ---------------------------------------------------------------- refs
+
+    def refs(self) -> list[RefInfo]:
+        with self._read() as session:
+            return [ref_info(r) for r in session.scalars(select(Ref).order_by(Ref.name))]
+
+    def reflog(self, ref: str | None = None) -> list[ReflogEntry]:
+        """Ref moves, newest first (all refs, or only ``ref``)."""
+        stmt = select(Reflog).order_by(Reflog.id.desc())
+        if ref is not None:
+            stmt = stmt.where(Reflog.ref == ref)
+        with self._read() as session:
+            return [reflog_entry(r) for r in session.scalars(stmt)]
+
+    def set_ref(self, name: str, version: Spec, expected_old: int | None, *, who: str | None = None, why: str = "set-ref") -> int:
+        """Compare-and-swap ref ``name`` from ``expected_old`` (None: must not exist) to ``version``."""
+        with self._write() as session:
+            target = resolve(session, version)
+            move_ref(session, name, target, expected=expected_old, who=who or default_who(), why=why)
+            return target
+
+    def rollback(self, spec: Spec, *, ref: str = HEAD, why: str = "rollback", who: str | None = None) -> int:
+        """Move ``ref`` to the version ``spec`` names (older or newer); nothing is deleted."""
+        with self._write() as session:
+            target = resolve(session, spec)
+            current = session.get(Ref, ref)
+            if current is None:
+                raise UnknownVersionError(f"ref {ref!r} does not exist")
+            move_ref(session, ref, target, expected=current.version_id, who=who or default_who(), why=why)
+            return target
+
+    def tag(self, name: str, spec: Spec = HEAD, *, who: str | None = None, why: str = "tag") -> int:
+        """Create the fixed tag ``name`` at the version ``spec`` names."""
+        with self._write() as session:
+            target = resolve(session, spec)
+            create_tag(session, name, target, who=who or default_who(), why=why)
+            return target
+
+    # ---------------------------------------------------------------- loading
+
+    def load_shard(self, shard: int | ShardInfo, device: str | torch.device = "cpu", verify: bool = True) -> dict[str, torch.Tensor]:
+        """The tensors of a shard on ``device``; :class:`CorruptObjectError` names shard and versions."""
+        info = shard if isinstance(shard, ShardInfo) else self.shard(shard)
+        try:
+            return self.objects.load(info.object_hash, device, verify)
+        except CorruptObjectError as exc:
+            versions = tuple(self.shard_versions(info.id))
+            raise type(exc)(
+                f"shard {info.id} (layer {info.layer!r}, rows {info.row_start}..{info.row_end}), "
+                f"used by version(s) {', '.join(map(str, versions)) or 'none'}: {exc}",
+                hash=info.object_hash, shard_id=info.id, version_ids=versions,
+            ) from exc
+
+    def load_dense(self, version: Spec = HEAD, device: str | torch.device = "cpu", verify: bool = True) -> dict[str, torch.Tensor]:
+        """The dense (non-expert) weights of a version."""
+        info = self.version(version)
+        return self._load_version_object(info, info.dense_hash, "dense weights", device, verify)
+
+    def load_optimizer(self, version: Spec = HEAD, device: str | torch.device = "cpu", verify: bool = True) -> dict[str, torch.Tensor] | None:
+        """The optimizer tensors of a version, or None when it was committed without them."""
+        info = self.version(version)
+        if info.optimizer_hash is None:
+            return None
+        return self._load_version_object(info, info.optimizer_hash, "optimizer state", device, verify)
+
+    def _load_version_object(self, info: VersionInfo, hash: str, what: str, device: str | torch.device, verify: bool) -> dict[str, torch.Tensor]:
+        try:
+            return self.objects.load(hash, device, verify)
+        except CorruptObjectError as exc:
+            raise type(exc)(f"{what} of version {info.id}: {exc}", hash=hash, version_ids=(info.id,)) from exc
+
+    # ---------------------------------------------------------------- maintenance
+
+    def verify(self) -> list[Problem]:
+        """Re-hash every referenced object and check every row; an empty list means healthy."""
+        with self._read() as session:
+            return maintenance.verify(session, self.objects)
+
+    def gc(self, dry_run: bool = False, grace_s: float = maintenance.GC_GRACE_S) -> GcResult:
+        """Delete objects no row references and leftover temp files older than ``grace_s``.
+
+        The grace period protects objects a concurrent commit has written but not yet
+        recorded; pass ``grace_s=0`` when no commit can be running.
+        """
+        with self._read() as session:
+            return maintenance.gc(session, self.objects, dry_run=dry_run, grace_s=grace_s)
+
+
+@contextmanager
+def _read_only_guard(path: Path) -> Iterator[None]:
+    """Turn 'cannot write the database' into :class:`ReadOnlyStoreError`."""
+    try:
+        yield
+    except OperationalError as exc:
+        text = str(exc.orig).lower()
+        if "readonly" in text or "read-only" in text or "unable to open" in text:
+            raise ReadOnlyStoreError(f"the store database at {path} cannot be written: {exc.orig}; the store is unchanged") from exc
+        raise
