@@ -137,11 +137,12 @@ def _check_overlaps(shards: Sequence[Shard]) -> None:
 class ExpertStore:
     """A versioned store of expert shards. Create with :meth:`init`, reopen with :meth:`open`."""
 
-    def __init__(self, path: Path, engine: Engine, config: dict[str, Any], store_id: str) -> None:
+    def __init__(self, path: Path, engine: Engine, config: dict[str, Any], store_id: str, read_only: bool = False) -> None:
         self.path = path
         self.engine = engine
         self.config = config
         self.store_id = store_id
+        self.read_only = read_only
         self.objects = ObjectStore(path / OBJECTS_DIR)
         self._writer = engine.execution_options(**{WRITE: True})
 
@@ -181,8 +182,13 @@ class ExpertStore:
         return cls(path, engine, config, store_id)
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], url: str | None = None) -> ExpertStore:
-        """Open the store at ``path``; :class:`NotAStoreError` if there is none."""
+    def open(cls, path: str | os.PathLike[str], url: str | None = None, read_only: bool = False) -> ExpertStore:
+        """Open the store at ``path``; :class:`NotAStoreError` if there is none.
+
+        With ``read_only`` (or when the directory cannot be written, e.g. a read-only
+        filesystem) the store is opened for reading; every write raises
+        :class:`ReadOnlyStoreError`.
+        """
         path = Path(path)
         try:
             marker = json.loads((path / MARKER).read_text())
@@ -194,6 +200,12 @@ class ExpertStore:
             raise NotAStoreError(f"{path / MARKER} is not an expert store marker")
         if marker.get("database") == "url" and url is None:
             raise NotAStoreError(f"the store at {path} keeps its database elsewhere: pass its url")
+        if url is None and not read_only and not _writable(path):
+            read_only = True
+        if url is None and read_only:
+            # mode=ro never writes; immutable also skips the WAL index a read-only dir cannot hold.
+            immutable = "&immutable=1" if not _writable(path) else ""
+            url = f"sqlite:///file:{path / DB_FILE}?mode=ro{immutable}&uri=true"
         engine = make_engine(url or f"sqlite:///{path / DB_FILE}")
         try:
             meta = read_meta(engine)
@@ -203,7 +215,7 @@ class ExpertStore:
         except StoreError:
             engine.dispose()
             raise
-        return cls(path, engine, json.loads(meta.get("config", "{}")), marker["store_id"])
+        return cls(path, engine, json.loads(meta.get("config", "{}")), marker["store_id"], read_only)
 
     def close(self) -> None:
         """Release database connections."""
@@ -223,9 +235,14 @@ class ExpertStore:
     def _read(self) -> Session:
         return Session(self.engine, expire_on_commit=False)
 
+    def _require_writable(self) -> None:
+        if self.read_only:
+            raise ReadOnlyStoreError(f"the store at {self.path} is open read-only; nothing was changed")
+
     @contextmanager
     def _write(self) -> Iterator[Session]:
         """One write transaction (``BEGIN IMMEDIATE`` on SQLite); commit on success."""
+        self._require_writable()
         with _read_only_guard(self.path), Session(self._writer, expire_on_commit=False) as session:
             with session.begin():
                 yield session
@@ -254,6 +271,7 @@ class ExpertStore:
         it must still point at ``parent`` (else :class:`ConflictError`, nothing changes);
         if it does not exist it is created. ``ref=None`` moves no ref.
         """
+        self._require_writable()
         metrics = _check_json("metrics", metrics)
         cursors = _check_json("cursors", cursors)
         config = _check_json("config", config)
@@ -455,8 +473,21 @@ class ExpertStore:
         The grace period protects objects a concurrent commit has written but not yet
         recorded; pass ``grace_s=0`` when no commit can be running.
         """
+        if not dry_run:
+            self._require_writable()
         with self._read() as session:
             return maintenance.gc(session, self.objects, dry_run=dry_run, grace_s=grace_s)
+
+
+def _writable(path: Path) -> bool:
+    """Whether files can be created in ``path`` (honest for root too, unlike ``os.access``)."""
+    probe = path / f".write-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except OSError:
+        return False
+    probe.unlink(missing_ok=True)
+    return True
 
 
 @contextmanager
