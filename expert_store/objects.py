@@ -33,7 +33,15 @@ from safetensors.torch import load_file
 
 from .errors import CorruptObjectError, MissingObjectError, ReadOnlyStoreError
 
-__all__ = ["atomic_write", "ObjectInfo", "ObjectStore", "serialize_tensors", "TEMP_MARKER"]
+__all__ = [
+    "atomic_write",
+    "fsync_dir",
+    "is_read_only_error",
+    "ObjectInfo",
+    "ObjectStore",
+    "serialize_tensors",
+    "TEMP_MARKER",
+]
 
 #: Substring that marks temp files of :func:`atomic_write`; ``gc`` removes stale ones.
 TEMP_MARKER = ".tmp-"
@@ -59,6 +67,11 @@ _DTYPES: dict[torch.dtype, str] = {
 }
 
 _READ_ONLY_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def is_read_only_error(exc: OSError) -> bool:
+    """Whether an OS error means "this place cannot be written" (permissions, read-only fs)."""
+    return exc.errno in _READ_ONLY_ERRNOS
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -188,7 +201,7 @@ class ObjectStore:
 
             atomic_write(target, write, mode=0o444)
         except OSError as exc:
-            if exc.errno in _READ_ONLY_ERRNOS:
+            if is_read_only_error(exc):
                 raise ReadOnlyStoreError(
                     f"cannot write object into {self.root}: {exc.strerror}; the store is unchanged"
                 ) from exc

@@ -40,7 +40,7 @@ from .errors import (
     UnknownShardError,
     UnknownVersionError,
 )
-from .objects import ObjectStore, atomic_write
+from .objects import ObjectStore, atomic_write, is_read_only_error
 from .records import (
     ExistingShard,
     GcResult,
@@ -164,7 +164,9 @@ class ExpertStore:
             raise StoreExistsError(f"{path} exists and is not an empty directory; refusing to init a store there")
         try:
             (path / OBJECTS_DIR).mkdir(parents=True, exist_ok=True)
-        except PermissionError as exc:
+        except OSError as exc:
+            if not is_read_only_error(exc):
+                raise
             raise ReadOnlyStoreError(f"cannot create a store at {path}: {exc.strerror}") from exc
         engine = make_engine(url or f"sqlite:///{path / DB_FILE}")
         try:
@@ -203,8 +205,11 @@ class ExpertStore:
         if url is None and not read_only and not _writable(path):
             read_only = True
         if url is None and read_only:
-            # mode=ro never writes; immutable also skips the WAL index a read-only dir cannot hold.
-            immutable = "&immutable=1" if not _writable(path) else ""
+            # mode=ro never writes. On a read-only directory without WAL side files (the
+            # last writer closed cleanly) SQLite can only open the file as immutable.
+            db = path / DB_FILE
+            side_files = Path(f"{db}-wal").exists() and Path(f"{db}-shm").exists()
+            immutable = "&immutable=1" if not side_files and not _writable(path) else ""
             url = f"sqlite:///file:{path / DB_FILE}?mode=ro{immutable}&uri=true"
         engine = make_engine(url or f"sqlite:///{path / DB_FILE}")
         try:
