@@ -87,11 +87,11 @@ def race_worker(path: str, parent: int | None, seed: int, barrier: mp.synchroniz
         results.put(("error", f"{type(exc).__name__}: {exc}"))
 
 
-def race(path: str, parent: int | None, n: int = 2) -> list[tuple[str, object]]:
+def race(path: str, parent: int | None, n: int = 2, seed: int = 0) -> list[tuple[str, object]]:
     """Start ``n`` processes that commit on the same ``parent`` at the same moment."""
     ctx = forkserver()
     barrier, results = ctx.Barrier(n), ctx.Queue()
-    procs = [ctx.Process(target=race_worker, args=(path, parent, i, barrier, results)) for i in range(n)]
+    procs = [ctx.Process(target=race_worker, args=(path, parent, seed + i, barrier, results)) for i in range(n)]
     for proc in procs:
         proc.start()
     outcomes = [results.get(timeout=120) for _ in procs]
