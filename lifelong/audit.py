@@ -1,0 +1,578 @@
+"""Retrieval audit: FAISS exact top-k over the materialised full keys vs product-key top-k.
+
+Product-key retrieval (:func:`lifelong.peer.product_key_topk`) claims the *exact* top-k of
+``q . [C1_i ; C2_j]`` over all ``n1 * n2`` experts. The audit checks the claim independently:
+it materialises the full keys block of rows by block of rows (:meth:`PEERLayer.full_keys`),
+searches them with a FAISS ``IndexFlatIP`` (GPU index when CUDA and faiss-gpu are present) and
+compares the exact answer with the layer's own :meth:`PEERLayer.retrieve` on the same queries.
+
+Notation: ``Q`` tokens (queries per head), ``h`` heads, ``k`` = top_k, ``dk`` = d_key,
+``n1`` x ``n2`` the grid, ``N = n1 * n2`` experts; ids are ``i * n2 + j``.
+
+Float ties: the router sums two half dot products, FAISS computes one full dot product, so
+equal-scoring experts at the k-th place may be picked differently. A mismatch is a **tie**,
+not a miss, when it is explained by equal scores within ``tol = tie_rtol * max(1, max |s|)``
+of that query (see :func:`compare_topk`). Recall up to ties is expected to be exactly 1.0;
+anything less is a bug or a deliberate approximate mode (``PEERConfig.candidates``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import faiss
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .errors import LifelongError
+from .peer import PEERLayer
+
+__all__ = [
+    "AuditError",
+    "NoPEERLayersError",
+    "NoQueriesError",
+    "RetrievalStats",
+    "LayerAudit",
+    "AuditReport",
+    "capture_queries",
+    "exact_topk",
+    "compare_topk",
+    "usage_stats",
+    "audit_layer",
+    "audit_model",
+    "default_chunk_rows",
+    "SCHEMA_VERSION",
+]
+
+SCHEMA_VERSION = 1  # of AuditReport.to_dict(); bump on any incompatible change
+DEFAULT_CHUNK_BYTES = 64 << 20  # full keys materialised at once by exact_topk (auto chunk_rows)
+_COMPARE_TOKENS = 512  # tokens per comparison chunk: bounds the (c, h, k, dk) float64 gathers
+
+
+class AuditError(LifelongError):
+    """The audit could not run (bad input, no PEER layer, no queries, no GPU when required)."""
+
+
+class NoPEERLayersError(AuditError):
+    """The model has no PEER layer to audit."""
+
+    hint = "audit a model built with at least one PEER layer (ModelConfig.peer_layers)"
+
+
+class NoQueriesError(AuditError):
+    """No query reached a PEER layer (empty block set or max_queries=0)."""
+
+    hint = "pass at least one block of held-out token ids"
+
+
+# ------------------------------------------------------------------------------ results
+def _json_float(x: float) -> float | None:
+    """NaN/inf (e.g. a ratio over zero queries) become None so that the dict is strict JSON."""
+    return float(x) if math.isfinite(x) else None
+
+
+@dataclass
+class RetrievalStats:
+    """Counts comparing router top-k with exact top-k over ``queries`` query vectors.
+
+    Per query vector (one token, one head): ``hits`` exact ids the router returned,
+    ``tied_ids`` exact ids it did not return but replaced by an equal-scoring expert (float
+    tie), ``missed_ids`` the rest; ``hits + tied_ids + missed_ids == slots`` (``queries * k``).
+    ``rank_agreements`` counts positions ``j`` (both lists sorted by score, descending) where
+    the router's j-th id is the exact j-th id or scores the same within the tie tolerance.
+    ``max_score_diff`` is the largest ``|router_score[j] - exact_score[j]|`` after sorting.
+    """
+
+    queries: int = 0
+    k: int = 0  # 0 when merged over layers with different top_k
+    slots: int = 0  # sum of k over queries: the denominator of recall and rank agreement
+    hits: int = 0
+    tied_ids: int = 0
+    missed_ids: int = 0
+    exact_matches: int = 0  # queries whose id sets are identical
+    tie_matches: int = 0  # queries whose id sets differ only by float ties
+    rank_agreements: int = 0
+    duplicate_ids: int = 0  # ids the router returned twice for one query (always a bug)
+    max_score_diff: float = 0.0
+
+    @property
+    def recall(self) -> float:
+        """Raw recall@k: share of exact top-k ids the router returned."""
+        return self.hits / self.slots if self.slots else float("nan")
+
+    @property
+    def recall_up_to_ties(self) -> float:
+        """Recall@k counting tie-explained mismatches as found; expected 1.0."""
+        return (self.hits + self.tied_ids) / self.slots if self.slots else float("nan")
+
+    @property
+    def exact_match_share(self) -> float:
+        return self.exact_matches / self.queries if self.queries else float("nan")
+
+    @property
+    def match_up_to_ties_share(self) -> float:
+        return (self.exact_matches + self.tie_matches) / self.queries if self.queries else float("nan")
+
+    @property
+    def rank_agreement(self) -> float:
+        return self.rank_agreements / self.slots if self.slots else float("nan")
+
+    @property
+    def missed_queries(self) -> int:
+        return self.queries - self.exact_matches - self.tie_matches
+
+    def merge(self, other: RetrievalStats) -> RetrievalStats:
+        """Stats of two disjoint sets of queries together (``k`` becomes 0 when they differ)."""
+        out = RetrievalStats(
+            **{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self) if f.name not in ("k", "max_score_diff")}
+        )
+        out.max_score_diff = max(self.max_score_diff, other.max_score_diff)
+        ks = {s.k for s in (self, other) if s.queries}
+        out.k = ks.pop() if len(ks) == 1 else (self.k if not ks else 0)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = asdict(self)
+        d.update(
+            recall=_json_float(self.recall),
+            recall_up_to_ties=_json_float(self.recall_up_to_ties),
+            exact_match_share=_json_float(self.exact_match_share),
+            match_up_to_ties_share=_json_float(self.match_up_to_ties_share),
+            rank_agreement=_json_float(self.rank_agreement),
+            missed_queries=self.missed_queries,
+        )
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RetrievalStats:
+        return cls(**{f.name: data[f.name] for f in fields(cls)})
+
+
+@dataclass
+class LayerAudit:
+    """One PEER layer: totals, per-head stats and expert usage on the audited queries."""
+
+    name: str
+    n_rows: int
+    n_cols: int
+    num_experts: int
+    heads: int
+    top_k: int
+    d_key: int
+    candidates: int | None  # None: exact product keys; fewer per-side candidates = approximate
+    tokens: int  # Q: query vectors per head
+    total: RetrievalStats
+    per_head: list[RetrievalStats]
+    usage: float  # share of experts the router retrieved at least once
+    experts_used: int
+    kl_uniform: float  # KL(accumulated router weights || uniform), nats (PEER paper Table 2)
+    tie_rtol: float
+    backend: str  # "faiss-cpu" or "faiss-gpu"
+    chunk_rows: int
+    seconds_exact: float = 0.0
+    seconds_router: float = 0.0
+    seconds_compare: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("total", "per_head")}
+        d["kl_uniform"] = _json_float(self.kl_uniform)
+        d["total"] = self.total.to_dict()
+        d["per_head"] = [s.to_dict() for s in self.per_head]
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LayerAudit:
+        kw = {f.name: data[f.name] for f in fields(cls) if f.name not in ("total", "per_head")}
+        kw["kl_uniform"] = float("nan") if kw["kl_uniform"] is None else kw["kl_uniform"]
+        return cls(
+            **kw, total=RetrievalStats.from_dict(data["total"]), per_head=[RetrievalStats.from_dict(h) for h in data["per_head"]]
+        )
+
+
+@dataclass
+class AuditReport:
+    """Audit of every PEER layer of a model. ``to_dict()`` is JSON-ready and stable (``schema``)."""
+
+    layers: dict[str, LayerAudit]
+    blocks: int = 0  # token blocks run through the model
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form context (version, stream, ...)
+
+    @property
+    def total(self) -> RetrievalStats:
+        out = RetrievalStats()
+        for layer in self.layers.values():
+            out = out.merge(layer.total)
+        return out
+
+    @property
+    def min_recall(self) -> float:
+        """Lowest recall up to ties over layers: the number a threshold applies to."""
+        return min((a.total.recall_up_to_ties for a in self.layers.values()), default=float("nan"))
+
+    def passed(self, threshold: float = 1.0) -> bool:
+        """True when every layer's recall up to ties is >= threshold and no id came twice."""
+        return all(a.total.recall_up_to_ties >= threshold and a.total.duplicate_ids == 0 for a in self.layers.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA_VERSION,
+            "blocks": self.blocks,
+            "seconds": self.seconds,
+            "min_recall": _json_float(self.min_recall),
+            "total": self.total.to_dict(),
+            "layers": {name: a.to_dict() for name, a in self.layers.items()},
+            "extra": dict(self.extra),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AuditReport:
+        if data.get("schema") != SCHEMA_VERSION:
+            raise AuditError(f"audit report schema {data.get('schema')!r} is not the supported {SCHEMA_VERSION}")
+        layers = {name: LayerAudit.from_dict(a) for name, a in data["layers"].items()}
+        return cls(layers=layers, blocks=data["blocks"], seconds=data["seconds"], extra=dict(data.get("extra", {})))
+
+    def format_table(self, per_head: bool = True) -> str:
+        """A fixed-width text table: one line per layer (and per head), then usage per layer."""
+        head = f"{'layer':<20} {'head':>4} {'queries':>8} {'recall':>8} {'~ties':>8} {'set=':>7} {'ties':>6} {'misses':>6} {'rank=':>7} {'max|ds|':>9}"
+        lines = [head, "-" * len(head)]
+
+        def row(name: str, h: str, s: RetrievalStats) -> str:
+            return (
+                f"{name:<20} {h:>4} {s.queries:>8} {s.recall:>8.5f} {s.recall_up_to_ties:>8.5f} {s.exact_match_share:>7.4f} "
+                f"{s.tied_ids:>6} {s.missed_ids:>6} {s.rank_agreement:>7.4f} {s.max_score_diff:>9.2e}"
+            )
+
+        for name, a in self.layers.items():
+            lines.append(row(name, "all", a.total))
+            if per_head:
+                lines.extend(row("", str(i), s) for i, s in enumerate(a.per_head))
+        lines.append("")
+        for name, a in self.layers.items():
+            mode = "exact" if a.candidates is None else f"approximate (candidates={a.candidates})"
+            lines.append(
+                f"{name}: grid {a.n_rows}x{a.n_cols} = {a.num_experts} experts, k={a.top_k}, {mode}; "
+                f"usage {a.usage:.2%} ({a.experts_used} used), KL to uniform {a.kl_uniform:.4f} nats; "
+                f"{a.backend}, exact {a.seconds_exact:.1f}s, router {a.seconds_router:.1f}s"
+            )
+        verdict = "PASS" if self.passed() else "FAIL"
+        lines.append(f"min recall up to ties {self.min_recall:.6f} -> {verdict} (threshold 1.0)")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- capture
+def _peer_layers(model: nn.Module) -> dict[str, PEERLayer]:
+    getter = getattr(model, "peer_layers", None)
+    layers = getter() if callable(getter) else {n: m for n, m in model.named_modules() if isinstance(m, PEERLayer)}
+    if not layers:
+        raise NoPEERLayersError(f"{type(model).__name__} has no PEER layer to audit")
+    return dict(layers)
+
+
+@torch.no_grad()
+def capture_queries(
+    model: nn.Module,
+    blocks: np.ndarray | Tensor,
+    batch_size: int = 8,
+    max_queries: int | None = None,
+    progress: bool = False,
+) -> dict[str, Tensor]:
+    """Run token blocks (n, L) through ``model`` in eval mode and return each PEER layer's queries.
+
+    Returns ``{layer_name: (Q, h, dk)}`` float CPU tensors, Q = tokens seen (at most
+    ``max_queries``). Blocks one longer than the model's ``block_size`` (the training
+    layout, inputs + shifted targets) are cut to their first ``block_size`` tokens.
+    The model's mode and every layer's ``capture`` are restored afterwards.
+    """
+    layers = _peer_layers(model)
+    ids = torch.as_tensor(np.asarray(blocks) if not isinstance(blocks, Tensor) else blocks)
+    if ids.ndim != 2:
+        raise AuditError(f"blocks must be a 2-D (n, L) array of token ids, got shape {tuple(ids.shape)}")
+    if ids.shape[0] == 0 or ids.shape[1] == 0 or (max_queries is not None and max_queries <= 0):
+        raise NoQueriesError(f"no queries to audit: {ids.shape[0]} blocks of length {ids.shape[1]}, max_queries={max_queries}")
+    block_size = getattr(getattr(model, "config", None), "block_size", None)
+    if block_size is not None and ids.shape[1] == block_size + 1:
+        ids = ids[:, :-1]
+    device = next(model.parameters()).device
+    was_training = model.training
+    saved = {name: layer.capture for name, layer in layers.items()}
+    out: dict[str, list[Tensor]] = {name: [] for name in layers}
+    seen = 0
+    model.eval()
+    try:
+        for layer in layers.values():
+            layer.capture = []
+        bar = tqdm(range(0, ids.shape[0], batch_size), desc="audit: capture", unit="batch", disable=not progress, leave=False)
+        for i in bar:
+            batch = ids[i : i + batch_size].long().to(device)  # (B, L)
+            model(batch)
+            for name, layer in layers.items():
+                out[name].extend(q.cpu() for q in layer.capture)  # (B*L, h, dk) each
+                layer.capture = []
+            seen += batch.numel()
+            if max_queries is not None and seen >= max_queries:
+                break
+        bar.close()
+    finally:
+        for name, layer in layers.items():
+            layer.capture = saved[name]
+        model.train(was_training)
+    result = {name: torch.cat(qs)[:max_queries] for name, qs in out.items() if qs}
+    if len(result) < len(layers):
+        raise NoQueriesError(f"no queries reached PEER layer(s) {sorted(set(layers) - set(result))}")
+    return result
+
+
+# -------------------------------------------------------------------------- exact top-k
+def default_chunk_rows(layer: PEERLayer, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    """Rows per chunk so that one chunk of float32 full keys takes about ``chunk_bytes``."""
+    return max(1, min(layer.n_rows, chunk_bytes // (layer.n_cols * layer.config.d_key * 4)))
+
+
+def _gpu_available() -> bool:
+    return torch.cuda.is_available() and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def _as_faiss(x: Tensor) -> np.ndarray:
+    return np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
+
+
+@torch.no_grad()
+def exact_topk(
+    layer: PEERLayer,
+    queries: Tensor,
+    k: int,
+    chunk_rows: int | None = None,
+    use_gpu: bool | None = None,
+    progress: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Exact top-k by inner product over all materialised full keys of ``layer``.
+
+    queries: (Q, dk) -> scores (Q, k) float32 descending, ids (Q, k) int64 global expert ids.
+    Keys are materialised and searched ``chunk_rows`` grid rows at a time with a FAISS
+    ``IndexFlatIP``; each chunk's top-k (local ids + offset ``row_start * n2``) is merged into a
+    running top-k (``faiss.ResultHeap``). Memory bound: one chunk of ``chunk_rows * n2 * dk``
+    float32 keys (held twice: the materialised tensor and the index's copy) plus FAISS's search
+    block, plus the ``Q x k`` running scores and ids; independent of ``N``. ``chunk_rows``
+    None = about 64 MiB of keys per chunk. ``use_gpu`` None = a FAISS GPU index when CUDA and
+    faiss-gpu are present; True requires one.
+    """
+    if queries.ndim != 2 or queries.shape[1] != layer.config.d_key:
+        raise AuditError(f"queries must be (Q, d_key={layer.config.d_key}), got {tuple(queries.shape)}")
+    if queries.shape[0] == 0:
+        raise NoQueriesError("no queries to search")
+    if not 1 <= k <= layer.num_experts:
+        raise AuditError(f"k={k} must be between 1 and the number of experts {layer.num_experts}")
+    gpu = _gpu_available() if use_gpu is None else use_gpu
+    if gpu and not _gpu_available():
+        raise AuditError("use_gpu=True but no CUDA device with faiss-gpu is available")
+    rows = default_chunk_rows(layer) if chunk_rows is None else int(chunk_rows)
+    if rows <= 0:
+        raise AuditError(f"chunk_rows must be positive, got {chunk_rows}")
+    xq = _as_faiss(queries)  # (Q, dk)
+    n1, n2, dk = layer.n_rows, layer.n_cols, layer.config.d_key
+    heap = faiss.ResultHeap(xq.shape[0], k, keep_max=True)
+    res = faiss.StandardGpuResources() if gpu else None
+    bar = tqdm(range(0, n1, rows), desc="audit: exact", unit="chunk", disable=not progress, leave=False)
+    for r0 in bar:
+        r1 = min(r0 + rows, n1)
+        keys = _as_faiss(layer.full_keys(r0, r1))  # ((r1 - r0) * n2, dk)
+        index = faiss.GpuIndexFlatIP(res, dk) if gpu else faiss.IndexFlatIP(dk)
+        index.add(keys)
+        kk = min(k, keys.shape[0])
+        D, I = index.search(xq, kk)  # (Q, kk) each, local ids
+        if kk < k:  # a chunk smaller than k: pad so the heap sees (Q, k)
+            D = np.pad(D, ((0, 0), (0, k - kk)), constant_values=-np.inf)
+            I = np.pad(I, ((0, 0), (0, k - kk)), constant_values=-1)
+        I = np.where(I >= 0, I + r0 * n2, -1).astype(np.int64)
+        heap.add_result(np.ascontiguousarray(D, dtype=np.float32), np.ascontiguousarray(I))
+        del index, keys
+    bar.close()
+    heap.finalize()  # sorts each row, best first
+    return torch.from_numpy(heap.D.copy()), torch.from_numpy(heap.I.copy())
+
+
+# ---------------------------------------------------------------------------- compare
+def _true_scores(layer: PEERLayer, q: Tensor, ids: Tensor) -> Tensor:
+    """float64 q . [C1_i ; C2_j] for the given ids. q: (T, h, dk); ids: (T, h, k) -> (T, h, k)."""
+    c1 = layer.all_row_keys().detach().double()  # (n1, dk/2)
+    c2 = layer.col_keys.detach().double()  # (n2, dk/2)
+    q1, q2 = q.double().chunk(2, dim=-1)  # (T, h, dk/2) each
+    n2 = layer.n_cols
+    rows, cols = torch.div(ids, n2, rounding_mode="floor"), ids % n2  # (T, h, k)
+    return torch.einsum("thd,thkd->thk", q1, c1[rows]) + torch.einsum("thd,thkd->thk", q2, c2[cols])
+
+
+def compare_topk(
+    router_scores: Tensor,
+    router_ids: Tensor,
+    exact_scores: Tensor,
+    exact_ids: Tensor,
+    router_true: Tensor,
+    tie_rtol: float = 1e-5,
+) -> list[RetrievalStats]:
+    """Compare router and exact top-k for (T, h, k) tensors; one :class:`RetrievalStats` per head.
+
+    ``router_true`` (T, h, k) are the exact (float64) scores of the router's ids. Per query
+    vector, with ``s_k`` the exact k-th score and ``tol = tie_rtol * max(1, max_j |exact_j|)``:
+    the mismatch is a *tie* when every exact id the router missed scores ``<= s_k + tol`` (it sat
+    at the boundary) and every id the router returned instead scores ``>= s_k - tol``; then its
+    missed ids count as ``tied_ids``, otherwise as ``missed_ids``.
+    """
+    order = router_scores.argsort(dim=-1, descending=True, stable=True)  # (T, h, k)
+    rs = router_scores.gather(-1, order).double()
+    rid = router_ids.gather(-1, order)
+    rtrue = router_true.gather(-1, order)
+    es, eid = exact_scores.double(), exact_ids.to(rid.dtype)
+    tol = tie_rtol * es.abs().amax(-1).clamp_min(1.0)  # (T, h)
+    s_k = es[..., -1]  # (T, h)
+    in_router = (eid.unsqueeze(-1) == rid.unsqueeze(-2)).any(-1)  # (T, h, k) exact id returned
+    in_exact = (rid.unsqueeze(-1) == eid.unsqueeze(-2)).any(-1)  # (T, h, k) router id is exact
+    missed = ~in_router
+    boundary_ok = (~missed | (es <= (s_k + tol).unsqueeze(-1))).all(-1)  # (T, h)
+    extra_ok = (in_exact | (rtrue >= (s_k - tol).unsqueeze(-1))).all(-1)  # (T, h)
+    srt = rid.sort(-1).values
+    dups = (srt[..., 1:] == srt[..., :-1]).sum(-1)  # (T, h)
+    tie_query = missed.any(-1) & boundary_ok & extra_ok & (dups == 0)
+    n_missed = missed.sum(-1)  # (T, h)
+    rank_ok = (rid == eid) | ((rtrue - es).abs() <= tol.unsqueeze(-1))  # (T, h, k)
+    diff = (rs - es).abs().amax(-1)  # (T, h)
+    k = router_ids.shape[-1]
+    out = []
+    for head in range(router_ids.shape[1]):
+        out.append(
+            RetrievalStats(
+                queries=router_ids.shape[0],
+                k=k,
+                slots=router_ids.shape[0] * k,
+                hits=int(in_router[:, head].sum()),
+                tied_ids=int(n_missed[:, head][tie_query[:, head]].sum()),
+                missed_ids=int(n_missed[:, head][~tie_query[:, head]].sum()),
+                exact_matches=int((n_missed[:, head] == 0).sum()),
+                tie_matches=int(tie_query[:, head].sum()),
+                rank_agreements=int(rank_ok[:, head].sum()),
+                duplicate_ids=int(dups[:, head].sum()),
+                max_score_diff=float(diff[:, head].max()) if diff.shape[0] else 0.0,
+            )
+        )
+    return out
+
+
+def usage_stats(ids: Tensor, weights: Tensor, num_experts: int) -> tuple[float, int, float]:
+    """Expert usage and unevenness from router ids and gate weights (same shape, any).
+
+    Returns (share of experts retrieved at least once, experts used, KL(p || uniform) in nats)
+    where ``p`` is the accumulated gate weight per expert, normalised (PEER paper Table 2).
+    """
+    acc = torch.zeros(num_experts, dtype=torch.float64)
+    acc.index_add_(0, ids.reshape(-1).cpu(), weights.reshape(-1).cpu().double())
+    hit = torch.zeros(num_experts, dtype=torch.bool)
+    hit[ids.reshape(-1).cpu()] = True
+    used = int(hit.sum())
+    total = float(acc.sum())
+    if total <= 0:
+        return used / num_experts, used, float("nan")
+    p = acc[acc > 0] / total
+    kl = float((p * (p * num_experts).log()).sum())  # = log N - H(p)
+    return used / num_experts, used, max(kl, 0.0)
+
+
+@torch.no_grad()
+def audit_layer(
+    layer: PEERLayer,
+    queries: Tensor,
+    chunk_rows: int | None = None,
+    tie_rtol: float = 1e-5,
+    use_gpu: bool | None = None,
+    name: str = "",
+    progress: bool = False,
+) -> LayerAudit:
+    """Audit one layer on queries (Q, h, dk) (after the query BatchNorm, e.g. from :func:`capture_queries`)."""
+    c = layer.config
+    if queries.ndim != 3 or tuple(queries.shape[1:]) != (c.heads, c.d_key):
+        raise AuditError(f"queries for layer {name or '?'} must be (Q, heads={c.heads}, d_key={c.d_key}), got {tuple(queries.shape)}")
+    if queries.shape[0] == 0:
+        raise NoQueriesError(f"no queries to audit for layer {name or '?'}")
+    Q, h, k = queries.shape[0], c.heads, c.top_k
+    device = layer.col_keys.device
+    gpu = _gpu_available() if use_gpu is None else use_gpu
+    rows = default_chunk_rows(layer) if chunk_rows is None else chunk_rows
+
+    t0 = time.perf_counter()
+    ex_s, ex_i = exact_topk(layer, queries.reshape(Q * h, -1), k, rows, gpu, progress)  # (Q*h, k)
+    ex_s, ex_i = ex_s.view(Q, h, k), ex_i.view(Q, h, k)
+    t1 = time.perf_counter()
+    r_s, r_i = [], []
+    for a in range(0, Q, 4096):
+        s, i = layer.retrieve(queries[a : a + 4096].to(device, layer.col_keys.dtype))  # (c, h, k)
+        r_s.append(s.cpu())
+        r_i.append(i.cpu())
+    router_s, router_i = torch.cat(r_s), torch.cat(r_i)  # (Q, h, k)
+    t2 = time.perf_counter()
+
+    per_head = [RetrievalStats(k=k) for _ in range(h)]
+    cpu_layer_q = queries.cpu()
+    for a in range(0, Q, _COMPARE_TOKENS):
+        b = min(a + _COMPARE_TOKENS, Q)
+        true = _true_scores(layer, cpu_layer_q[a:b].to(device), router_i[a:b].to(device)).cpu()  # (c, h, k)
+        chunk = compare_topk(router_s[a:b], router_i[a:b], ex_s[a:b], ex_i[a:b], true, tie_rtol)
+        per_head = [x.merge(y) for x, y in zip(per_head, chunk)]
+    total = RetrievalStats(k=k)
+    for s in per_head:
+        total = total.merge(s)
+    gates = router_s.softmax(-1) if c.score == "softmax" else router_s.sigmoid()  # (Q, h, k)
+    usage, used, kl = usage_stats(router_i, gates, layer.num_experts)
+    t3 = time.perf_counter()
+    return LayerAudit(
+        name=name,
+        n_rows=layer.n_rows,
+        n_cols=layer.n_cols,
+        num_experts=layer.num_experts,
+        heads=h,
+        top_k=k,
+        d_key=c.d_key,
+        candidates=c.candidates,
+        tokens=Q,
+        total=total,
+        per_head=per_head,
+        usage=usage,
+        experts_used=used,
+        kl_uniform=kl,
+        tie_rtol=tie_rtol,
+        backend="faiss-gpu" if gpu else "faiss-cpu",
+        chunk_rows=rows,
+        seconds_exact=t1 - t0,
+        seconds_router=t2 - t1,
+        seconds_compare=t3 - t2,
+    )
+
+
+def audit_model(
+    model: nn.Module,
+    blocks: np.ndarray | Tensor,
+    batch_size: int = 8,
+    max_queries: int | None = None,
+    chunk_rows: int | None = None,
+    tie_rtol: float = 1e-5,
+    use_gpu: bool | None = None,
+    progress: bool = True,
+    extra: Mapping[str, Any] | None = None,
+) -> AuditReport:
+    """Capture queries from held-out token blocks (n, L) and audit every PEER layer of ``model``."""
+    start = time.perf_counter()
+    layers = _peer_layers(model)
+    captured = capture_queries(model, blocks, batch_size, max_queries, progress)
+    results: dict[str, LayerAudit] = {}
+    bar = tqdm(layers.items(), desc="audit: layers", unit="layer", disable=not progress, leave=False)
+    for name, layer in bar:
+        bar.set_postfix(layer=name)
+        results[name] = audit_layer(layer, captured[name], chunk_rows, tie_rtol, use_gpu, name, progress)
+    bar.close()
+    n_blocks = int(np.asarray(blocks).shape[0]) if not isinstance(blocks, Tensor) else int(blocks.shape[0])
+    return AuditReport(layers=results, blocks=n_blocks, seconds=time.perf_counter() - start, extra=dict(extra or {}))
