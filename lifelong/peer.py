@@ -37,6 +37,43 @@ __all__ = ["PEERLayer", "ExpertMix", "ExpertGrads", "product_key_topk"]
 _CHUNK_TOKENS = 32  # tokens per gather chunk: (32, S, d) float32 is 4 MiB at S=128, d=256
 
 
+class _SubKeyScores(torch.autograd.Function):
+    """Scores of selected sub-keys, s[t, s] = q[t] . keys[idx[t, s]], given their values.
+
+    The values come from the selection GEMM; backward is sparse: only the selected keys get
+    gradient, so no dense (T, n) score gradient and no backward GEMM over the codebook.
+    q: (T, dh); keys: (n, dh); idx, values: (T, c).
+    """
+
+    @staticmethod
+    def forward(ctx, q, keys, idx, values):  # type: ignore[override]
+        ctx.save_for_backward(q, keys, idx)
+        return values
+
+    @staticmethod
+    def backward(ctx, ds):  # type: ignore[override]
+        q, keys, idx = ctx.saved_tensors
+        ds = ds.contiguous()
+        dq = F.embedding_bag(idx, keys, mode="sum", per_sample_weights=ds) if ctx.needs_input_grad[0] else None
+        dkeys = None
+        if ctx.needs_input_grad[1]:
+            dkeys = torch.zeros_like(keys)
+            rows, grads = _row_gradients(idx, ds, q, 0)  # (R,), (R, dh)
+            dkeys[rows] = grads
+        return dq, dkeys, None, None
+
+
+def _subkey_topk(q: Tensor, keys: Tensor, c: int) -> tuple[Tensor, Tensor]:
+    """Top-c sub-key scores (differentiable, sparse backward) and indices. q: (..., dh); keys: (n, dh)."""
+    lead = q.shape[:-1]
+    q2 = q.reshape(-1, q.shape[-1])  # (M, dh)
+    with torch.no_grad():
+        values, idx = (q2 @ keys.t()).topk(c, dim=-1)  # (M, c)
+    if q2.requires_grad or keys.requires_grad:
+        values = _SubKeyScores.apply(q2, keys, idx, values)
+    return values.view(*lead, c), idx.view(*lead, c)
+
+
 def product_key_topk(
     q: Tensor, row_keys: Tensor, col_keys: Tensor, k: int, candidates: int | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -44,15 +81,14 @@ def product_key_topk(
 
     q: (..., dk); row_keys: (n1, dk/2); col_keys: (n2, dk/2).
     Returns scores (..., k) (differentiable) and expert ids (..., k) = ``i * n2 + j``.
-    With ``candidates`` < k each side keeps fewer candidates: approximate, for experiments.
+    Exact because the top-k pairs can only use rows in the top-k of ``q1 . C1`` and columns in
+    the top-k of ``q2 . C2``. With ``candidates`` < k each side keeps fewer: approximate.
     """
     n1, n2 = row_keys.shape[0], col_keys.shape[0]
     c = k if candidates is None else candidates
     q1, q2 = q.chunk(2, dim=-1)  # (..., dk/2) each
-    s1 = q1 @ row_keys.t()  # (..., n1)
-    s2 = q2 @ col_keys.t()  # (..., n2)
-    v1, i1 = s1.topk(min(c, n1), dim=-1)  # (..., c1)
-    v2, i2 = s2.topk(min(c, n2), dim=-1)  # (..., c2)
+    v1, i1 = _subkey_topk(q1, row_keys, min(c, n1))  # (..., c1)
+    v2, i2 = _subkey_topk(q2, col_keys, min(c, n2))  # (..., c2)
     c2 = v2.shape[-1]
     pairs = (v1.unsqueeze(-1) + v2.unsqueeze(-2)).flatten(-2)  # (..., c1 * c2)
     scores, flat = pairs.topk(k, dim=-1)  # (..., k)
