@@ -93,9 +93,13 @@ def materialise_licenses(cache_dir: str | os.PathLike[str]) -> Path:
 
     out = Path(cache_dir) / "licenses"
     out.mkdir(parents=True, exist_ok=True)
-    for dist in distributions():
+    seen: set[str] = set()
+    for dist in distributions():  # sys.path order: the first of duplicates wins
         name = (dist.metadata.get("Name") or "unknown").replace("/", "_")
         version = (dist.version or "0").replace("/", "_")
+        if f"{name}-{version}".lower() in seen:
+            continue
+        seen.add(f"{name}-{version}".lower())
         for f in dist.files or ():
             if not _LICENSE_RE.match(f.name):
                 continue
@@ -107,7 +111,7 @@ def materialise_licenses(cache_dir: str | os.PathLike[str]) -> Path:
             except (OSError, UnicodeDecodeError):
                 continue
             if data.strip() and b"\x00" not in data:
-                safe = re.sub(r"[^A-Za-z0-9._-]", "_", str(f).split(".dist-info/")[-1])
+                safe = re.sub(r"[^A-Za-z0-9._-]", "_", str(f))  # full path: unique per dist
                 write_if_changed(out / f"{name}-{version}" / f"{safe}.txt", data)
     return out
 
