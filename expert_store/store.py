@@ -32,7 +32,6 @@ from . import maintenance
 from .diff import VersionDiff, diff_versions
 from .errors import (
     CorruptObjectError,
-    InvalidCommitError,
     NotAStoreError,
     ReadOnlyStoreError,
     StoreError,
@@ -40,6 +39,7 @@ from .errors import (
     UnknownShardError,
     UnknownVersionError,
 )
+from .validation import check_json, check_overlaps, check_tensors, dtype_name
 from .objects import ObjectStore, atomic_write, is_read_only_error
 from .records import (
     ExistingShard,
@@ -89,51 +89,6 @@ def default_who() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
-def _check_json(name: str, value: Any) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise InvalidCommitError(f"{name} must be a dict, not {type(value).__name__}")
-    try:
-        json.dumps(value)
-    except (TypeError, ValueError) as exc:
-        raise InvalidCommitError(f"{name} is not JSON-serialisable: {exc}") from exc
-    return value
-
-
-def _dtype_name(tensors: dict[str, torch.Tensor]) -> str:
-    return ",".join(sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}))
-
-
-def _check_new_shard(shard: NewShard) -> None:
-    if not shard.layer or not isinstance(shard.layer, str):
-        raise InvalidCommitError(f"shard layer must be a non-empty str, got {shard.layer!r}")
-    if not 0 <= shard.row_start < shard.row_end:
-        raise InvalidCommitError(
-            f"shard of {shard.layer!r} has an empty or negative row range "
-            f"[{shard.row_start}, {shard.row_end})"
-        )
-    if shard.n_experts < 0:
-        raise InvalidCommitError(f"shard of {shard.layer!r} has n_experts={shard.n_experts}")
-    if not shard.tensors:
-        raise InvalidCommitError(f"shard of {shard.layer!r} rows {shard.row_start}..{shard.row_end} has no tensors")
-
-
-def _check_overlaps(shards: Sequence[Shard]) -> None:
-    """Within one version, the row ranges of a layer's shards must be disjoint."""
-    by_layer: dict[str, list[Shard]] = {}
-    for shard in shards:
-        by_layer.setdefault(shard.layer, []).append(shard)
-    for layer, rows in by_layer.items():
-        rows = sorted(rows, key=lambda s: s.row_start)
-        for before, after in zip(rows, rows[1:]):
-            if after.row_start < before.row_end:
-                raise InvalidCommitError(
-                    f"layer {layer!r}: shard rows [{before.row_start}, {before.row_end}) and "
-                    f"[{after.row_start}, {after.row_end}) overlap"
-                )
-
-
 class ExpertStore:
     """A versioned store of expert shards. Create with :meth:`init`, reopen with :meth:`open`."""
 
@@ -157,7 +112,7 @@ class ExpertStore:
         there (or in the database), :class:`ReadOnlyStoreError` if it cannot be written.
         """
         path = Path(path)
-        config = _check_json("config", config)
+        config = check_json("config", config)
         if (path / MARKER).exists():
             raise StoreExistsError(f"{path} already holds an expert store; open it instead")
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
@@ -277,16 +232,10 @@ class ExpertStore:
         if it does not exist it is created. ``ref=None`` moves no ref.
         """
         self._require_writable()
-        metrics = _check_json("metrics", metrics)
-        cursors = _check_json("cursors", cursors)
-        config = _check_json("config", config)
-        if not dense:
-            raise InvalidCommitError("dense weights are empty; a version needs its dense weights")
-        for shard in shards:
-            if isinstance(shard, NewShard):
-                _check_new_shard(shard)
-            elif not isinstance(shard, ExistingShard):
-                raise InvalidCommitError(f"shards must be NewShard or ExistingShard, not {type(shard).__name__}")
+        metrics = check_json("metrics", metrics)
+        cursors = check_json("cursors", cursors)
+        config = check_json("config", config)
+        check_tensors(shards, dense)
 
         written = {id(s): self.objects.put(s.tensors) for s in shards if isinstance(s, NewShard)}
         dense_obj = self.objects.put(dense)
@@ -311,7 +260,7 @@ class ExpertStore:
                         row_start=shard.row_start,
                         row_end=shard.row_end,
                         n_experts=shard.n_experts,
-                        dtype=_dtype_name(shard.tensors),
+                        dtype=dtype_name(shard.tensors),
                         bytes=obj.payload_bytes,
                         frozen=shard.frozen,
                         created_by=created_by,
@@ -319,7 +268,7 @@ class ExpertStore:
                     )
                     session.add(row)
                 rows.append(row)
-            _check_overlaps(rows)
+            check_overlaps(rows)
             version = Version(
                 parent_id=parent,
                 message=message,
