@@ -157,6 +157,8 @@ class ExpertStore:
             raise NotAStoreError(f"{path / MARKER} is not an expert store marker")
         if marker.get("database") == "url" and url is None:
             raise NotAStoreError(f"the store at {path} keeps its database elsewhere: pass its url")
+        if url is None and not (path / DB_FILE).is_file():
+            raise NotAStoreError(f"{path} has a {MARKER} but no {DB_FILE}; the store's database is missing")
         if url is None and not read_only and not _writable(path):
             read_only = True
         if url is None and read_only:

@@ -61,6 +61,10 @@ def test_path_that_is_not_a_store(tmp_path: Path) -> None:
     (tmp_path / "store.json").write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(NotAStoreError, match="not an expert store marker"):
         ExpertStore.open(tmp_path)
+    (tmp_path / "store.json").write_text(json.dumps({"format": "expert_store", "store_id": "x"}))
+    with pytest.raises(NotAStoreError, match="database is missing"):
+        ExpertStore.open(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store.json"]  # nothing created
 
 
 def test_init_on_existing_store_or_non_empty_dir(committed: ExpertStore, tmp_path: Path) -> None:
