@@ -53,6 +53,7 @@ __all__ = [
 SCHEMA_VERSION = 1  # of AuditReport.to_dict(); bump on any incompatible change
 DEFAULT_CHUNK_BYTES = 64 << 20  # full keys materialised at once by exact_topk (auto chunk_rows)
 _COMPARE_TOKENS = 512  # tokens per comparison chunk: bounds the (c, h, k, dk) float64 gathers
+_ROUTER_TOKENS = 1024  # tokens per router call: bounds the (c, h, n1) and (c, h, n2) sub-scores
 
 
 class AuditError(LifelongError):
@@ -509,8 +510,8 @@ def audit_layer(
     ex_s, ex_i = ex_s.view(Q, h, k), ex_i.view(Q, h, k)
     t1 = time.perf_counter()
     r_s, r_i = [], []
-    for a in range(0, Q, 4096):
-        s, i = layer.retrieve(queries[a : a + 4096].to(device, layer.col_keys.dtype))  # (c, h, k)
+    for a in range(0, Q, _ROUTER_TOKENS):
+        s, i = layer.retrieve(queries[a : a + _ROUTER_TOKENS].to(device, layer.col_keys.dtype))  # (c, h, k)
         r_s.append(s.cpu())
         r_i.append(i.cpu())
     router_s, router_i = torch.cat(r_s), torch.cat(r_i)  # (Q, h, k)
