@@ -153,6 +153,15 @@ class Residency:
             torch.cuda.empty_cache()
         return ids
 
+    def adopt(self, shard_id: int, tensors: Tensors) -> None:
+        """Hold ``tensors`` (e.g. views into a caller's table) as the resident copy of a shard.
+
+        The caller promises they equal the stored shard and will not be written (frozen);
+        this lets one copy in memory serve both the caller and later checkouts.
+        """
+        info = self._resident[shard_id][0] if shard_id in self._resident else self.store.shard(shard_id)
+        self._resident[shard_id] = (info, tensors)
+
     def tensors(self, shard_id: int) -> Tensors:
         """The resident tensors of one shard."""
         return self._resident[shard_id][1]

@@ -58,6 +58,9 @@ class RowAdam:
         """Apply the collected row gradients; returns the number of rows updated."""
         updated = 0
         for i, layer in enumerate(self.layers):
+            for shard in layer.shards:  # trainable shards change: no longer the stored ones
+                if not shard.frozen:
+                    shard.store_id = None
             popped = layer.grads.pop()
             if popped is None:
                 continue

@@ -1,0 +1,211 @@
+"""Wire a :class:`PEERLM` to the expert store: commit a model as a version, check one out.
+
+A version holds, per PEER layer, its shards (a block of rows: their row keys and the ``u``,
+``v`` of all their experts) and, in the dense-weights object, everything else (attention,
+dense FFNs, query nets and BatchNorm, the column codebook). The version's config JSON holds
+the model config and each layer's geometry (rows, frozen rows, whether ``C2`` is frozen), so a
+checkout rebuilds exactly the committed model: same outputs bit for bit on the same device.
+
+Frozen shards that came from the store are committed again as ``ExistingShard``: nothing is
+rewritten or re-hashed. Trainable shards are always written (content addressing dedups
+identical bytes). On checkout, frozen shards stay resident (as views of the layer's table) so
+moving between versions that share them reads only the differing shards from disk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+import torch
+from torch import nn
+
+from expert_store import ExistingShard, ExpertStore, NewShard, Residency, VersionInfo
+
+from .config import ModelConfig, PEERConfig, config_to_dict
+from .errors import LifelongError
+from .model import PEERLM
+from .peer import PEERLayer, Shard
+
+__all__ = ["commit_model", "checkout_model", "init_store", "model_from_config", "StoreMismatchError", "best_device"]
+
+_GROWING = ("n_rows",)  # config fields that change as the model grows
+
+
+class StoreMismatchError(LifelongError):
+    """The model's configuration does not match the store's."""
+
+
+def best_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def model_from_config(data: dict[str, Any]) -> ModelConfig:
+    data = dict(data)
+    data["peer"] = PEERConfig(**data["peer"])
+    return ModelConfig(**data)
+
+
+def _fixed(config: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a model config that must never change within a store."""
+    out = dict(config)
+    out["peer"] = {k: v for k, v in config["peer"].items() if k not in _GROWING}
+    return out
+
+
+def _geometry(model: PEERLM) -> dict[str, dict[str, Any]]:
+    return {
+        name: {
+            "n_rows": layer.n_rows,
+            "frozen_rows": layer.frozen_rows,
+            "col_keys_frozen": not layer.col_keys.requires_grad,
+            "shards": [[s.row_start, s.row_end] for s in layer.shards],
+        }
+        for name, layer in model.peer_layers().items()
+    }
+
+
+def _check_matches(store: ExpertStore, model: PEERLM) -> None:
+    expected = store.config.get("model")
+    actual = config_to_dict(model.config)
+    if expected is not None and _fixed(expected) != _fixed(actual):
+        diffs = sorted(
+            k for k in set(_fixed(expected)) | set(_fixed(actual)) if _fixed(expected).get(k) != _fixed(actual).get(k)
+        )
+        raise StoreMismatchError(
+            f"the model's configuration does not match the store at {store.path} (differs in: {', '.join(diffs)})"
+        )
+
+
+def _shard_tensors(layer: PEERLayer, shard: Shard) -> dict[str, torch.Tensor]:
+    n2 = layer.n_cols
+    a, b = shard.row_start * n2, shard.row_end * n2
+    return {
+        "row_keys": layer.all_row_keys().detach()[shard.row_start : shard.row_end].contiguous(),  # (r, dk/2)
+        "u": layer.expert_u[a:b],  # (r * n2, d) view: no copy before the write
+        "v": layer.expert_v[a:b],
+    }
+
+
+def commit_model(
+    store: ExpertStore,
+    model: PEERLM,
+    *,
+    message: str,
+    parent: int | None | str = "HEAD",
+    metrics: dict[str, Any] | None = None,
+    cursors: dict[str, Any] | None = None,
+    ref: str | None = "HEAD",
+    created_by: str | None = None,
+) -> VersionInfo:
+    """Commit ``model`` as a new version on top of ``parent`` (default: HEAD) and move ``ref``."""
+    _check_matches(store, model)
+    if parent == "HEAD":
+        parent = store.head()
+    shards: list[NewShard | ExistingShard] = []
+    order: list[tuple[PEERLayer, Shard]] = []
+    for name, layer in model.peer_layers().items():
+        for shard in layer.shards:
+            if shard.frozen and shard.store_id is not None:
+                shards.append(ExistingShard(shard.store_id))
+            else:
+                shards.append(
+                    NewShard(
+                        layer=name,
+                        row_start=shard.row_start,
+                        row_end=shard.row_end,
+                        n_experts=(shard.row_end - shard.row_start) * layer.n_cols,
+                        tensors=_shard_tensors(layer, shard),
+                        frozen=shard.frozen,
+                    )
+                )
+            order.append((layer, shard))
+    dense = {k: v.detach() for k, v in model.dense_state_dict().items()}
+    config = {"model": config_to_dict(model.config), "layers": _geometry(model)}
+    info = store.commit(
+        shards=shards,
+        dense=dense,
+        message=message,
+        parent=parent,  # type: ignore[arg-type]
+        metrics=metrics,
+        cursors=cursors,
+        config=config,
+        ref=ref,
+        created_by=created_by,
+    )
+    for (layer, shard), stored in zip(order, info.shards):
+        shard.store_id = stored.id
+    return info
+
+
+def _materialise(module: nn.Module, device: torch.device) -> None:
+    """Replace meta tensors by empty ones on ``device`` (filled by load_state_dict next)."""
+    for m in module.modules():
+        for name, p in list(m._parameters.items()):
+            if p is not None and p.is_meta:
+                m._parameters[name] = nn.Parameter(torch.empty_like(p, device=device), requires_grad=p.requires_grad)
+        for name, b in list(m._buffers.items()):
+            if b is not None and b.is_meta:
+                m._buffers[name] = torch.empty_like(b, device=device)
+
+
+def checkout_model(
+    store: ExpertStore,
+    spec: int | str = "HEAD",
+    *,
+    device: str | torch.device | None = None,
+    residency: Residency | None = None,
+) -> tuple[PEERLM, VersionInfo]:
+    """Build the model of version ``spec`` on ``device`` (default: GPU if there is one).
+
+    Pass the same ``residency`` across checkouts to reuse resident frozen shards; its
+    byte budget (if any) is enforced before anything is loaded.
+    """
+    info = store.version(spec)
+    device = torch.device(device) if device is not None else best_device()
+    residency = residency or Residency(store, device)
+    checkout = residency.checkout(info)
+    cfg = model_from_config(info.config["model"])
+    geometry: dict[str, dict[str, Any]] = info.config.get("layers", {})
+    with torch.device("meta"):
+        model = PEERLM(cfg)
+    layers = model.peer_layers()
+    for name, layer in layers.items():
+        geo = geometry.get(name)
+        parts = checkout.layers.get(name)
+        if geo is None or not parts:
+            raise LifelongError(f"version {info.id} has no shards for PEER layer {name}")
+        parts = sorted(parts, key=lambda p: p[0].row_start)
+        row_keys = torch.cat([t["row_keys"] for _, t in parts]).to(device)  # (n1, dk/2)
+        u = torch.cat([t["u"] for _, t in parts]).to(device)  # (N, d)
+        v = torch.cat([t["v"] for _, t in parts]).to(device)  # (N, d)
+        frozen_rows = int(geo["frozen_rows"])
+        shards = [Shard(s.row_start, s.row_end, frozen=s.row_end <= frozen_rows, store_id=s.id) for s, _ in parts]
+        layer.load_tables(row_keys, frozen_rows, u, v, shards)
+        if geo.get("col_keys_frozen"):
+            layer.freeze_col_keys()
+        # Keep frozen shards resident as views of the table (one copy in memory); drop
+        # trainable ones: training changes them, so they cannot be reused as stored.
+        n2 = layer.n_cols
+        for s, _ in parts:
+            if s.row_end <= frozen_rows:
+                residency.adopt(s.id, {"row_keys": row_keys[s.row_start : s.row_end], "u": u[s.row_start * n2 : s.row_end * n2], "v": v[s.row_start * n2 : s.row_end * n2]})
+            else:
+                residency.evict([s.id])
+    _materialise(model, device)
+    dense = store.load_dense(info.id, device)
+    missing, unexpected = model.load_state_dict(dense, strict=False)
+    tables = ("expert_u", "expert_v", "row_keys", "frozen_row_keys")
+    missing = [k for k in missing if not k.endswith(tables)]
+    if missing or unexpected:
+        raise LifelongError(f"version {info.id}: dense weights do not fit the model (missing {missing}, unexpected {unexpected})")
+    return model, info
+
+
+def init_store(path: str, config: ModelConfig, *, url: str | None = None, seed: int = 0) -> tuple[ExpertStore, VersionInfo]:
+    """Create a store holding a fresh model built from ``config`` as its first version."""
+    torch.manual_seed(seed)
+    model = PEERLM(config)
+    store = ExpertStore.init(path, config={"model": asdict(config)}, url=url)
+    info = commit_model(store, model, message="init: fresh model", parent=None)
+    return store, info

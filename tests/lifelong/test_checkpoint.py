@@ -1,0 +1,96 @@
+"""Model <-> expert store: bit-identical checkout, shared frozen shards, mismatches."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from expert_store import Residency
+from lifelong import ModelConfig, PEERConfig, TrainConfig, random_batches, train
+from lifelong.checkpoint import StoreMismatchError, checkout_model, commit_model, init_store
+
+
+def tiny_config() -> ModelConfig:
+    peer = PEERConfig(d_model=32, heads=2, top_k=4, d_key=16, n_rows=8, n_cols=8)
+    return ModelConfig(d_model=32, n_layers=2, n_heads=2, block_size=32, peer=peer, peer_layers=[0, 1])
+
+
+def blocks(seed=0):
+    return np.random.default_rng(seed).integers(0, 100, size=(32, 33))
+
+
+def short_train(model, seed=0):
+    train(model, random_batches(blocks(seed), 4, seed), TrainConfig(steps=4, batch_size=4, warmup_steps=1), progress=False)
+
+
+def logits(model, idx):
+    model.eval()
+    with torch.no_grad():
+        return model(idx)[0]
+
+
+def test_checkout_is_bit_identical_to_committed_model(tmp_path):
+    store, v1 = init_store(str(tmp_path / "s"), tiny_config())
+    model, info = checkout_model(store, "HEAD", device="cpu")
+    assert info.id == v1.id
+    short_train(model)
+    v2 = commit_model(store, model, message="trained")
+    idx = torch.randint(0, 100, (2, 16))
+    expected = logits(model, idx)
+    again, _ = checkout_model(store, v2.id, device="cpu")
+    assert torch.equal(logits(again, idx), expected)
+    old, _ = checkout_model(store, v1.id, device="cpu")
+    assert not torch.equal(logits(old, idx), expected)
+
+
+def test_growth_commits_only_the_new_shard_and_checkout_reuses_frozen(tmp_path):
+    store, _ = init_store(str(tmp_path / "s"), tiny_config())
+    residency = Residency(store, "cpu")
+    model, v1 = checkout_model(store, device="cpu", residency=residency)
+    for layer in model.peer_layers().values():
+        layer.freeze()
+        layer.grow(2)
+    short_train(model)
+    v2 = commit_model(store, model, message="grown")
+    shared = {s.id for s in v1.shards} & {s.id for s in v2.shards}
+    assert len(shared) == 2  # each layer's old shard is reused, not rewritten
+    assert len(v2.shards) == 4
+    diff = store.diff(v1.id, v2.id)
+    assert diff is not None
+    # Moving v2 -> v1 -> v2 with one residency loads only what differs.
+    m2, _ = checkout_model(store, v2.id, device="cpu", residency=residency)
+    frozen_ptr = m2.peer_layers()["blocks.0.ffn"].expert_u.data_ptr()
+    assert frozen_ptr
+    m1, _ = checkout_model(store, v1.id, device="cpu", residency=residency)
+    idx = torch.randint(0, 100, (2, 16))
+    assert torch.equal(logits(m2, idx), logits(model, idx))
+    layer = m2.peer_layers()["blocks.0.ffn"]
+    assert layer.frozen_rows == 8 and layer.n_rows == 10 and not layer.col_keys.requires_grad
+    # Frozen shards of a checked-out model are still shared by the next commit.
+    short_train(m2, seed=1)
+    v3 = commit_model(store, m2, message="more")
+    assert shared <= {s.id for s in v3.shards}
+
+
+def test_trained_shard_is_rewritten_even_if_later_frozen(tmp_path):
+    store, v1 = init_store(str(tmp_path / "s"), tiny_config())
+    model, _ = checkout_model(store, device="cpu")
+    short_train(model)  # changes the (trainable) first shard
+    for layer in model.peer_layers().values():
+        layer.freeze()
+    v2 = commit_model(store, model, message="trained then frozen")
+    assert not ({s.id for s in v1.shards} & {s.id for s in v2.shards})
+    again, _ = checkout_model(store, v2.id, device="cpu")
+    idx = torch.randint(0, 100, (1, 8))
+    assert torch.equal(logits(again, idx), logits(model, idx))
+
+
+def test_config_mismatch_is_refused(tmp_path):
+    store, _ = init_store(str(tmp_path / "s"), tiny_config())
+    from lifelong import PEERLM
+
+    other = PEERLM(ModelConfig(d_model=32, n_layers=3, n_heads=2, block_size=32, peer=tiny_config().peer))
+    with pytest.raises(StoreMismatchError, match="n_layers"):
+        commit_model(store, other, message="wrong")
+    assert len(store.versions()) == 1
