@@ -111,7 +111,7 @@ def forkserver() -> mp.context.BaseContext:
 class Summary:
     trials: int = 0
     failures: list[str] = field(default_factory=list)
-    versions_before_check: int = 0
+    versions_committed: int = 0
     kills_leaving_temp_files: int = 0
     kills_leaving_unreachable_objects: int = 0
     seconds: float = 0.0
@@ -140,17 +140,28 @@ def check_after_kill(store: ExpertStore, trial: int) -> tuple[bool, bool]:
     return bool(removed.temp_files or leftovers.temp_files), bool(leftovers.objects)
 
 
-def run(trials: int, rows: int = 16, d: int = 256, max_delay: float = 0.4, seed: int = 0, path: str | None = None) -> Summary:
-    """Run ``trials`` kill-and-check rounds on one store; return the summary."""
+def run(
+    trials: int, rows: int = 16, d: int = 256, max_delay: float = 0.4, seed: int = 0, per_store: int = 25
+) -> Summary:
+    """Run ``trials`` kill-and-check rounds, on a fresh store every ``per_store`` trials.
+
+    (``verify`` re-hashes every object after each kill, so one ever-growing store would
+    make the run quadratic.)
+    """
     rng = random.Random(seed)
     ctx = forkserver()
     summary = Summary()
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="crash-store-") as tmp:
-        root = Path(path or tmp) / "store"
-        ExpertStore.init(root, {"purpose": "crash test"}).close()
-        store = ExpertStore.open(root)
+        store: ExpertStore | None = None
         for trial in range(trials):
+            if trial % per_store == 0:
+                if store is not None:
+                    summary.versions_committed += len(store.versions())
+                    store.close()
+                root = Path(tmp) / f"store-{trial // per_store}"
+                ExpertStore.init(root, {"purpose": "crash test"}).close()
+                store = ExpertStore.open(root)
             ready = ctx.Event()
             proc = ctx.Process(target=worker, args=(str(root), trial, rows, d, ready), daemon=True)
             proc.start()
@@ -168,8 +179,9 @@ def run(trials: int, rows: int = 16, d: int = 256, max_delay: float = 0.4, seed:
                 summary.kills_leaving_unreachable_objects += unreachable
             except Exception as exc:  # noqa: BLE001 - every failure is reported, not raised
                 summary.failures.append(f"trial {trial}: {type(exc).__name__}: {exc}")
-        summary.versions_before_check = len(store.versions())
-        store.close()
+        if store is not None:
+            summary.versions_committed += len(store.versions())
+            store.close()
     summary.seconds = time.perf_counter() - start
     return summary
 
@@ -181,14 +193,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--d-model", type=int, default=256)
     parser.add_argument("--max-delay", type=float, default=0.4, help="seconds; kill after uniform(0, this)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--per-store", type=int, default=25, help="trials per fresh store")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     args = parser.parse_args(argv)
-    summary = run(args.trials, args.rows, args.d_model, args.max_delay, args.seed)
+    summary = run(args.trials, args.rows, args.d_model, args.max_delay, args.seed, args.per_store)
     if args.json:
         print(json.dumps(asdict(summary) | {"ok": summary.ok}, indent=2))
     else:
         print(f"trials:                      {summary.trials}")
-        print(f"versions committed:          {summary.versions_before_check}")
+        print(f"versions committed:          {summary.versions_committed}")
         print(f"kills leaving temp files:    {summary.kills_leaving_temp_files}")
         print(f"kills leaving unreachable:   {summary.kills_leaving_unreachable_objects}")
         print(f"failures:                    {len(summary.failures)}")
