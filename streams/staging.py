@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 from sqlalchemy import Engine, delete, func, insert, select
+from sqlalchemy.exc import IntegrityError
 
 from .result import IngestResult, StagedInfo
 from .schema import stream_heldout, stream_staged
@@ -80,12 +81,18 @@ def add_heldout(engine: Engine, stream: str, docs: list[str]) -> None:
     for d in docs:
         h = doc_hash(d)
         rows.setdefault(h, {"stream": stream, "sha1": h, "text": d})
-    with engine.begin() as conn:
-        have = set(conn.execute(select(stream_heldout.c.sha1).where(
-            stream_heldout.c.stream == stream, stream_heldout.c.sha1.in_(list(rows)))).scalars())
-        new = [r for h, r in rows.items() if h not in have]
-        if new:
-            conn.execute(insert(stream_heldout), new)
+    for _ in range(3):  # a concurrent ingest may insert the same docs first: retry
+        try:
+            with engine.begin() as conn:
+                have = set(conn.execute(select(stream_heldout.c.sha1).where(
+                    stream_heldout.c.stream == stream,
+                    stream_heldout.c.sha1.in_(list(rows)))).scalars())
+                new = [r for h, r in rows.items() if h not in have]
+                if new:
+                    conn.execute(insert(stream_heldout), new)
+            return
+        except IntegrityError:
+            continue
 
 
 def get_heldout(engine: Engine, stream: str, max_docs: int | None = None) -> list[str]:
