@@ -14,6 +14,7 @@ import sys
 
 # Verb-group modules, in the order they appear in `lifelong --help`.
 MODULES = [
+    "lifelong.cli.store",
     "lifelong.cli.demo",
 ]
 

@@ -1,0 +1,45 @@
+"""Helpers shared by the CLI verb modules: opening the store, tables, JSON output."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from expert_store import ExpertStore
+
+from .main import STORE_ENV, CLIError
+
+__all__ = ["add_parser", "open_store", "print_table", "print_json"]
+
+
+def add_parser(sub: argparse._SubParsersAction, name: str, help: str, example: str, **kw: Any) -> argparse.ArgumentParser:
+    """A sub-command whose --help ends with an example."""
+    return sub.add_parser(
+        name,
+        help=help,
+        description=help[:1].upper() + help[1:] + ".",
+        epilog=f"Example:\n  {example}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        **kw,
+    )
+
+
+def open_store(args: argparse.Namespace, *, read_only: bool = False) -> ExpertStore:
+    if not args.store:
+        raise CLIError("no store given", hint=f"pass --store PATH before the command, or set ${STORE_ENV}")
+    return ExpertStore.open(args.store, url=getattr(args, "url", None), read_only=read_only)
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    for n, row in enumerate(cells):
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str, sort_keys=False))

@@ -1,0 +1,97 @@
+"""The store verbs of the real CLI: init, versions, show, tag, diff, rollback, checkout, verify, gc, status."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from expert_store import ExpertStore
+from lifelong.checkpoint import checkout_model, commit_model
+from lifelong.cli.main import main
+
+TINY = ["--rows", "8", "--cols", "8", "--d-model", "32", "--layers", "2", "--heads", "2", "--top-k", "4", "--d-key", "16"]
+
+
+@pytest.fixture()
+def store_dir(tmp_path):
+    path = tmp_path / "store"
+    assert main(["--store", str(path), "init", *TINY]) == 0
+    store = ExpertStore.open(path)
+    model, _ = checkout_model(store, device="cpu")
+    for layer in model.peer_layers().values():
+        layer.freeze()
+        layer.grow(2)
+    commit_model(store, model, message="grown", metrics={"mean_heldout_loss": 3.5})
+    store.close()
+    return path
+
+
+def run(store_dir, *args, capsys):
+    code = main(["--store", str(store_dir), *args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_history_and_rollback_round_trip(store_dir, capsys):
+    code, out, _ = run(store_dir, "versions", "--json", capsys=capsys)
+    versions = json.loads(out)
+    assert code == 0 and [v["id"] for v in versions] == [1, 2]
+    assert versions[1]["experts"] == 80 and versions[1]["metrics"]["mean_heldout_loss"] == 3.5
+    assert run(store_dir, "tag", "base", "1", capsys=capsys)[0] == 0
+    code, out, _ = run(store_dir, "diff", "base", "HEAD", "--json", capsys=capsys)
+    diff = json.loads(out)
+    assert diff["layers"]["blocks.1.ffn"]["experts_added"] == 16
+    code, out, _ = run(store_dir, "rollback", "HEAD~1", capsys=capsys)
+    assert code == 0 and "2 -> 1" in out
+    assert ExpertStore.open(store_dir).head() == 1
+    assert run(store_dir, "rollback", "2", capsys=capsys)[0] == 0  # roll forward again
+    code, out, _ = run(store_dir, "show", "HEAD", "--json", capsys=capsys)
+    assert json.loads(out)["id"] == 2
+    code, out, _ = run(store_dir, "checkout", "base", "--device", "cpu", "--json", capsys=capsys)
+    assert code == 0 and json.loads(out)["layers"]["blocks.1.ffn"]["experts"] == 64
+    assert run(store_dir, "verify", capsys=capsys)[0] == 0
+    assert run(store_dir, "status", capsys=capsys)[0] == 0
+    code, out, _ = run(store_dir, "gc", "--dry-run", capsys=capsys)
+    assert code == 0 and "would delete 0" in out
+
+
+def test_checkout_budget_and_corruption_are_clear_errors(store_dir, capsys):
+    code, _, err = run(store_dir, "checkout", "--device", "cpu", "--budget-mb", "0.01", capsys=capsys)
+    assert code == 1 and "budget" in err and "Traceback" not in err
+    # Flip a byte in the grown version's new shard: verify and checkout catch it; v1 still works.
+    store = ExpertStore.open(store_dir)
+    new_shard = [s for s in store.version(2).shards if s.id not in {x.id for x in store.version(1).shards}][0]
+    obj = store_dir / "objects" / new_shard.object_hash[:2] / new_shard.object_hash[2:]
+    os.chmod(obj, 0o644)
+    data = bytearray(obj.read_bytes())
+    data[-1] ^= 0xFF
+    obj.write_bytes(bytes(data))
+    code, out, _ = run(store_dir, "verify", capsys=capsys)
+    assert code == 1 and new_shard.object_hash[:12] in out
+    code, _, err = run(store_dir, "checkout", "HEAD", "--device", "cpu", capsys=capsys)
+    assert code == 1 and f"shard {new_shard.id}" in err
+    assert run(store_dir, "rollback", "1", capsys=capsys)[0] == 0
+    assert run(store_dir, "checkout", "HEAD", "--device", "cpu", capsys=capsys)[0] == 0
+
+
+def test_bad_input_exit_codes(tmp_path, store_dir, capsys):
+    assert run(store_dir, "show", "nope", capsys=capsys)[0] == 1
+    assert run(tmp_path / "not-a-store", "versions", capsys=capsys)[0] == 1
+    code, _, err = run(store_dir, "init", *TINY, capsys=capsys)
+    assert code == 1 and "error:" in err
+    with pytest.raises(SystemExit) as exc:
+        main(["--store", str(store_dir), "rollback"])  # missing argument: usage error
+    assert exc.value.code == 2
+
+
+def test_real_subprocess_cli(store_dir):
+    env = {**os.environ, "LIFELONG_STORE": str(store_dir)}
+    proc = subprocess.run([sys.executable, "-m", "lifelong.cli.main", "versions"], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0 and "grown" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "lifelong.cli.main", "show", "v99"], env=env, capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stderr.startswith("error:") and "Traceback" not in proc.stderr
