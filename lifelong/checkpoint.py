@@ -59,6 +59,7 @@ def _geometry(model: PEERLM) -> dict[str, dict[str, Any]]:
             "n_rows": layer.n_rows,
             "frozen_rows": layer.frozen_rows,
             "col_keys_frozen": not layer.col_keys.requires_grad,
+            "query_frozen": layer.query_frozen,
             "shards": [[s.row_start, s.row_end] for s in layer.shards],
         }
         for name, layer in model.peer_layers().items()
@@ -184,6 +185,8 @@ def checkout_model(
         layer.load_tables(row_keys, frozen_rows, u, v, shards)
         if geo.get("col_keys_frozen"):
             layer.freeze_col_keys()
+        if geo.get("query_frozen"):
+            layer.freeze_query()
         # Keep frozen shards resident as views of the table (one copy in memory); drop
         # trainable ones: training changes them, so they cannot be reused as stored.
         n2 = layer.n_cols

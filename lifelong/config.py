@@ -71,6 +71,7 @@ class ModelConfig:
     """A byte-level decoder-only transformer with PEER in place of some FFNs."""
 
     vocab_size: int = 260  # 256 bytes + EOS, PAD, BOS, reserved (streams.ByteTokenizer)
+    pad_id: int = 257  # targets equal to it are ignored by the loss
     d_model: int = 256
     n_layers: int = 4
     n_heads: int = 4  # attention heads

@@ -110,7 +110,9 @@ class PEERLM(nn.Module):
         logits = self.norm(x) @ self.embed.weight.t()  # (B, L, V), tied weights
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+            loss = F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=self.config.pad_id
+            )
         return logits, loss
 
     @torch.no_grad()

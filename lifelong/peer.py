@@ -256,6 +256,7 @@ class PEERLayer(nn.Module):
         self.register_buffer("expert_v", v)  # (N, d)
         self.shards: list[Shard] = [Shard(0, c.n_rows)]
         self.grads = ExpertGrads()
+        self.query_frozen = False
         self.capture: list[Tensor] | None = None  # set to a list to record queries (audit)
         self.usage: Tensor | None = None  # set to zeros(N) to accumulate router scores
 
@@ -382,6 +383,30 @@ class PEERLayer(nn.Module):
         for shard in self.shards:
             shard.frozen = True
         self.grads.clear()
+
+    @torch.no_grad()
+    def unfreeze(self) -> None:
+        """Make every expert and key trainable again (the ``full`` fine-tuning policy)."""
+        self.row_keys = nn.Parameter(self.all_row_keys().detach().clone())
+        self.frozen_row_keys = self.frozen_row_keys[:0]
+        self.col_keys.requires_grad_(True)
+        self.freeze_query(False)
+        for shard in self.shards:
+            shard.frozen = False
+        self.grads.clear()
+
+    def freeze_query(self, frozen: bool = True) -> None:
+        """Freeze the query projection and BatchNorm (its statistics stay in eval mode)."""
+        self.query_frozen = frozen
+        for p in list(self.query.parameters()) + list(self.query_norm.parameters()):
+            p.requires_grad_(not frozen)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> PEERLayer:
+        super().train(mode)
+        if self.query_frozen:
+            self.query_norm.eval()  # frozen BatchNorm statistics are never updated
+        return self
 
     def freeze_col_keys(self) -> None:
         """Freeze C2 (old experts' keys depend on it); done by :meth:`freeze`."""

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -69,11 +70,15 @@ def evaluate_loss(model: PEERLM, blocks: np.ndarray, batch_size: int = 8, max_ba
                 break
             batch = torch.from_numpy(np.ascontiguousarray(blocks[i : i + batch_size])).long().to(device)
             _, loss = model(batch[:, :-1], batch[:, 1:])
-            n = batch[:, 1:].numel()
+            n = int((batch[:, 1:] != model.config.pad_id).sum())
+            if n == 0:
+                continue
             total += float(loss) * n
             count += n
     finally:
         model.train(was_training)
+    if count == 0:
+        raise ValueError("evaluation blocks hold only padding")
     return total / count
 
 
@@ -86,6 +91,9 @@ def train(
     on_step: Callable[[int, float, float], None] | None = None,
     progress: bool = True,
     should_stop: Callable[[], bool] | None = None,
+    teacher: PEERLM | None = None,
+    distill_weight: float = 0.0,
+    distill_temperature: float = 1.0,
 ) -> TrainResult:
     """Train ``model`` for ``cfg.steps`` steps on (B, L+1) token batches.
 
@@ -93,6 +101,10 @@ def train(
     Expert tables: :class:`RowAdam`, touching only the rows each batch retrieved.
     Only trainable parts get optimizer state: frozen keys are buffers or have
     ``requires_grad=False``, frozen experts lie below each layer's ``trainable_start``.
+
+    ``batches`` yields (B, L+1) tensors, or ``(tokens, replay)`` pairs where ``replay`` (B,)
+    marks replayed rows: with a ``teacher`` (the previous version) and ``distill_weight`` > 0,
+    those rows also pay ``distill_weight * T^2 * KL(teacher || model)`` at temperature T.
     """
     device = next(model.parameters()).device
     groups = model.param_groups()
@@ -117,8 +129,23 @@ def train(
                 g["lr"] = cfg.lr * factor
         rows.lr = cfg.expert_lr * factor
 
-        batch = next(batches).to(device)  # (B, L+1)
-        _, loss = model(batch[:, :-1], batch[:, 1:])
+        item = next(batches)
+        batch, replay = item if isinstance(item, tuple) else (item, None)
+        batch = batch.to(device)  # (B, L+1)
+        logits, loss = model(batch[:, :-1], batch[:, 1:])
+        if teacher is not None and distill_weight > 0 and replay is not None and bool(replay.any()):
+            replay = replay.to(device)
+            with torch.no_grad():
+                teacher_logits, _ = teacher(batch[replay][:, :-1])  # (R, L, V)
+            t = distill_temperature
+            vocab = logits.shape[-1]
+            kl = F.kl_div(
+                F.log_softmax(logits[replay].reshape(-1, vocab) / t, -1),
+                F.log_softmax(teacher_logits.reshape(-1, vocab) / t, -1),
+                log_target=True,
+                reduction="batchmean",
+            )  # per token
+            loss = loss + distill_weight * t * t * kl
         if adamw is not None:
             adamw.zero_grad(set_to_none=True)
         loss.backward()

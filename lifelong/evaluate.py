@@ -1,0 +1,147 @@
+"""Continual-learning metrics: the loss matrix, forgetting, transfer, expert usage.
+
+``L[i][j]`` is the held-out loss (nats/token) on stream ``j`` after cycle ``i``; rows are
+versions along HEAD's first-parent chain, each stored in that version's ``metrics["losses"]``.
+Lower is better, so:
+
+- forgetting_j = L[last][j] - min_{i < last} L[i][j]   (how much worse than its best; >= 0 is bad)
+- BWT = mean_j (L[t_j][j] - L[last][j])                (t_j: the cycle that trained j; > 0 = improved)
+- FWT = mean_j (L[0][j] - L[t_j - 1][j])               (before training on j, vs the first version)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .model import PEERLM
+from .train import evaluate_loss
+
+__all__ = ["LossMatrix", "loss_matrix", "usage_stats", "continual_metrics"]
+
+
+@dataclass
+class LossMatrix:
+    versions: list[int]  # row labels, oldest first
+    streams: list[str]  # column labels, in order first trained
+    trained: list[str | None]  # the stream each row's cycle trained (None: init/other)
+    values: list[list[float | None]]  # values[i][j], None where not evaluated
+
+    def column(self, j: int) -> list[float]:
+        return [row[j] for row in self.values if row[j] is not None]  # type: ignore[misc]
+
+    def forgetting(self) -> dict[str, float]:
+        """Per stream seen before the last row: last loss minus the best earlier loss (nats)."""
+        out: dict[str, float] = {}
+        if len(self.values) < 2:
+            return out
+        last = self.values[-1]
+        for j, name in enumerate(self.streams):
+            earlier = [row[j] for row in self.values[:-1] if row[j] is not None]
+            if earlier and last[j] is not None and name != self.trained[-1]:
+                out[name] = float(last[j]) - min(earlier)  # type: ignore[arg-type]
+        return out
+
+    def backward_transfer(self) -> float | None:
+        diffs = []
+        for j, name in enumerate(self.streams):
+            if name in self.trained[:-1] and self.values[-1][j] is not None:
+                t = max(i for i, s in enumerate(self.trained) if s == name)
+                if self.values[t][j] is not None:
+                    diffs.append(self.values[t][j] - self.values[-1][j])  # type: ignore[operator]
+        return float(np.mean(diffs)) if diffs else None
+
+    def forward_transfer(self) -> float | None:
+        diffs = []
+        for j, name in enumerate(self.streams):
+            if name in self.trained:
+                t = self.trained.index(name)
+                if t >= 1 and self.values[t - 1][j] is not None and self.values[0][j] is not None:
+                    diffs.append(self.values[0][j] - self.values[t - 1][j])  # type: ignore[operator]
+        return float(np.mean(diffs)) if diffs else None
+
+    def format_table(self) -> str:
+        width = max([8] + [len(s) for s in self.streams])
+        lines = ["version  trained".ljust(28) + "".join(s.rjust(width + 2) for s in self.streams)]
+        for v, t, row in zip(self.versions, self.trained, self.values):
+            cells = "".join(("-" if x is None else f"{x:.3f}").rjust(width + 2) for x in row)
+            lines.append(f"{v:<9}{(t or '-'):<19}" + cells)
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "versions": self.versions,
+            "streams": self.streams,
+            "trained": self.trained,
+            "values": self.values,
+            "forgetting": self.forgetting(),
+            "backward_transfer": self.backward_transfer(),
+            "forward_transfer": self.forward_transfer(),
+        }
+
+
+def loss_matrix(chain: list[Any]) -> LossMatrix:
+    """Build the matrix from versions (oldest first) carrying ``metrics["losses"]``."""
+    streams: list[str] = []
+    rows = [v for v in chain if isinstance(v.metrics.get("losses"), dict)]
+    for v in rows:
+        for s in v.metrics["losses"]:
+            if s not in streams:
+                streams.append(s)
+    return LossMatrix(
+        versions=[v.id for v in rows],
+        streams=streams,
+        trained=[v.metrics.get("stream") for v in rows],
+        values=[[v.metrics["losses"].get(s) for s in streams] for v in rows],
+    )
+
+
+@torch.no_grad()
+def usage_stats(
+    model: PEERLM,
+    blocks: np.ndarray,
+    batch_size: int = 8,
+    max_batches: int | None = 8,
+    counts: dict[str, torch.Tensor] | None = None,
+) -> dict[str, dict[str, float]]:
+    """Per PEER layer: share of experts retrieved at least once, and KL(usage || uniform).
+
+    Usage is the router's accumulated softmax weight per expert on ``blocks`` (paper, Table 2);
+    pass a dict as ``counts`` to receive those (N,) tensors.
+    """
+    layers = model.peer_layers()
+    for layer in layers.values():
+        layer.usage = torch.zeros(layer.num_experts, dtype=torch.float64, device=layer.expert_u.device)
+    try:
+        evaluate_loss(model, blocks, batch_size, max_batches)
+        out = {}
+        for name, layer in layers.items():
+            u = layer.usage
+            assert u is not None
+            p = u / u.sum().clamp_min(1e-30)
+            nz = p[p > 0]
+            kl = float((nz * (nz * layer.num_experts).log()).sum())
+            if counts is not None:
+                counts[name] = u.cpu()
+            out[name] = {"used_share": float((u > 0).double().mean()), "kl_uniform": kl, "experts": layer.num_experts}
+        return out
+    finally:
+        for layer in layers.values():
+            layer.usage = None
+
+
+def continual_metrics(matrix: LossMatrix) -> dict[str, Any]:
+    """Summary figures for the last row of the matrix."""
+    last = [x for x in matrix.values[-1] if x is not None] if matrix.values else []
+    forgetting = matrix.forgetting()
+    return {
+        "mean_heldout_loss": float(np.mean(last)) if last else math.nan,
+        "forgetting": forgetting,
+        "mean_forgetting": float(np.mean(list(forgetting.values()))) if forgetting else 0.0,
+        "backward_transfer": matrix.backward_transfer(),
+        "forward_transfer": matrix.forward_transfer(),
+    }

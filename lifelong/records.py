@@ -1,0 +1,139 @@
+"""`lifelong`'s own tables on the store's database: cycles, audits, and the cycle lease.
+
+The lease is one row per name: a second cycle (another process, the scheduler, the CLI)
+finds it held and waits or refuses with the holder's name. An expired lease (its holder died
+without releasing it) is taken over. Works on any SQLAlchemy database: it relies only on a
+primary-key insert conflict and conditional UPDATE/DELETE.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, Engine, Float, Integer, String, delete, insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from .errors import LifelongError
+
+__all__ = ["Base", "CycleRow", "AuditRow", "Lease", "LeaseHeldError", "create_tables", "holder_name", "utcnow"]
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+class CycleRow(Base):
+    __tablename__ = "lifelong_cycles"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    stream: Mapped[str] = mapped_column(String(128))
+    policy: Mapped[str] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16))  # running | committed | candidate | failed | interrupted
+    started_at: Mapped[datetime] = mapped_column(DateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    parent_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    holder: Mapped[str] = mapped_column(String(256))
+    detail: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+
+
+class AuditRow(Base):
+    __tablename__ = "lifelong_audits"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    version: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    queries: Mapped[int] = mapped_column(Integer)
+    recall: Mapped[float] = mapped_column(Float)
+    report: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class LeaseRow(Base):
+    __tablename__ = "lifelong_leases"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(256))
+    acquired_at: Mapped[datetime] = mapped_column(DateTime)
+    expires_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+def create_tables(engine: Engine) -> None:
+    Base.metadata.create_all(engine)
+
+
+def holder_name(role: str = "cli") -> str:
+    return f"{role}:{socket.gethostname()}:{os.getpid()}"
+
+
+class LeaseHeldError(LifelongError):
+    """Another cycle holds the lease."""
+
+    hint = "wait for it to finish (or pass --wait SECONDS); a dead holder's lease expires by itself"
+
+
+@dataclass
+class Lease:
+    """A named, expiring database lease. Use as a context manager."""
+
+    engine: Engine
+    name: str = "cycle"
+    holder: str = ""
+    ttl_s: float = 300.0
+    wait_s: float = 0.0
+    poll_s: float = 0.5
+
+    def __post_init__(self) -> None:
+        self.holder = self.holder or holder_name()
+        create_tables(self.engine)
+
+    def acquire(self) -> None:
+        deadline = time.monotonic() + self.wait_s
+        while True:
+            now = utcnow()
+            with self.engine.begin() as conn:
+                conn.execute(delete(LeaseRow).where(LeaseRow.name == self.name, LeaseRow.expires_at < now))
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(
+                        insert(LeaseRow).values(
+                            name=self.name, holder=self.holder, acquired_at=now, expires_at=now + timedelta(seconds=self.ttl_s)
+                        )
+                    )
+                return
+            except IntegrityError:
+                pass
+            if time.monotonic() >= deadline:
+                with self.engine.connect() as conn:
+                    row = conn.execute(select(LeaseRow).where(LeaseRow.name == self.name)).first()
+                who = f"{row.holder} since {row.acquired_at:%Y-%m-%d %H:%M:%S} UTC" if row else "another process"
+                raise LeaseHeldError(f"another cycle is running on this store ({who}); nothing was done")
+            time.sleep(self.poll_s)
+
+    def renew(self) -> None:
+        """Extend the lease; raises if it was lost (expired and taken by someone else)."""
+        with self.engine.begin() as conn:
+            n = conn.execute(
+                update(LeaseRow)
+                .where(LeaseRow.name == self.name, LeaseRow.holder == self.holder)
+                .values(expires_at=utcnow() + timedelta(seconds=self.ttl_s))
+            ).rowcount
+        if n != 1:
+            raise LeaseHeldError(f"the '{self.name}' lease of {self.holder} was lost")
+
+    def release(self) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(delete(LeaseRow).where(LeaseRow.name == self.name, LeaseRow.holder == self.holder))
+
+    def __enter__(self) -> Lease:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
