@@ -15,6 +15,7 @@ import sys
 # Verb-group modules, in the order they appear in `lifelong --help`.
 MODULES = [
     "lifelong.cli.store",
+    "lifelong.cli.streams",
     "lifelong.cli.demo",
 ]
 
