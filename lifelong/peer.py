@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -97,11 +99,8 @@ def product_key_topk(
     return scores, rows * n2 + cols
 
 
-def _gathered_dot(table: Tensor, ids: Tensor, x: Tensor) -> Tensor:
-    """out[t, s] = table[ids[t, s]] . x[t], chunked over tokens into one reused workspace.
-
-    table: (N, d); ids: (T, S); x: (T, d) -> (T, S). Peak extra memory: one (chunk, S, d).
-    """
+def _gathered_dot_eager(table: Tensor, ids: Tensor, x: Tensor) -> Tensor:
+    """Chunked gather into one reused (chunk, S, d) workspace, then a batched dot."""
     T, S = ids.shape
     d = table.shape[1]
     out = x.new_empty(T, S)
@@ -113,6 +112,37 @@ def _gathered_dot(table: Tensor, ids: Tensor, x: Tensor) -> Tensor:
         torch.index_select(table, 0, ids[t0:t1].reshape(-1), out=buf.view(-1, d))
         out[t0:t1] = torch.linalg.vecdot(buf, x[t0:t1].unsqueeze(1))  # (c, S)
     return out
+
+
+def _gathered_dot_fused(table: Tensor, ids: Tensor, x: Tensor) -> Tensor:
+    # Compiled by inductor into one loop that reads each gathered row once: no (T, S, d) tensor.
+    return (table[ids] * x[:, None, :]).sum(-1)
+
+
+_FUSED: dict[str, object] = {"fn": None, "failed": False}
+_FUSED_MIN_ELEMENTS = 1 << 24  # below this the eager path is as fast and compiling is not worth it
+
+
+def _gathered_dot(table: Tensor, ids: Tensor, x: Tensor) -> Tensor:
+    """out[t, s] = table[ids[t, s]] . x[t]. table: (N, d); ids: (T, S); x: (T, d) -> (T, S).
+
+    Large calls use a ``torch.compile``d fused kernel (set ``LIFELONG_COMPILE=0`` to disable;
+    any compile failure falls back to eager for the rest of the process). The eager path's
+    peak extra memory is one (chunk, S, d) workspace.
+    """
+    if (
+        ids.numel() * table.shape[1] >= _FUSED_MIN_ELEMENTS
+        and not _FUSED["failed"]
+        and os.environ.get("LIFELONG_COMPILE", "1") != "0"
+    ):
+        try:
+            if _FUSED["fn"] is None:
+                _FUSED["fn"] = torch.compile(_gathered_dot_fused, dynamic=True)
+            return _FUSED["fn"](table, ids, x)  # type: ignore[operator]
+        except Exception as exc:  # no C++ compiler, unsupported platform, ...
+            warnings.warn(f"torch.compile of the PEER gather-dot failed ({exc!r}); using the eager path")
+            _FUSED["failed"] = True
+    return _gathered_dot_eager(table, ids, x)
 
 
 def _row_gradients(ids: Tensor, coef: Tensor, x: Tensor, start: int) -> tuple[Tensor, Tensor] | None:

@@ -16,6 +16,7 @@ import sys
 MODULES = [
     "lifelong.cli.store",
     "lifelong.cli.streams",
+    "lifelong.cli.cycles",
     "lifelong.cli.demo",
 ]
 
@@ -74,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and friends
+        sys.stderr.close()
+        return 0
     except _known_errors() as exc:
         if args.debug:
             raise
