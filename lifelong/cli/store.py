@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from expert_store import ExpertStore, Residency, VersionInfo
+from expert_store import Residency, VersionInfo
 
 from ..checkpoint import best_device, checkout_model, init_store
 from ..config import ModelConfig, PEERConfig, config_to_dict, load_config

@@ -11,11 +11,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import sys
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 from expert_store import ExpertStore
@@ -25,6 +23,7 @@ from streams import (BadInputError, ChangedFileError, Pending, SourceNotFoundErr
 from streams.defaults import DEFAULT_STREAMS
 from streams.spec import FORMATS, ON_BAD_ROWS, ON_CHANGED, TEXT_MODES
 
+from ..workspace import defaults_cache_dir, open_registry
 from .common import add_parser, open_store, print_json, print_table
 
 STAGED_NOTE = "staged; the cursor advances when a cycle commits a version"
@@ -44,10 +43,7 @@ class _Registry(StreamRegistry):
 
 
 def _registry(store: ExpertStore, **overrides: Any) -> StreamRegistry:
-    work_dir = Path(store.path).resolve() / "streams"
-    work_dir.mkdir(parents=True, exist_ok=True)
-    return _Registry(store.engine, work_dir=str(work_dir), progress=sys.stderr.isatty(),
-                     overrides={k: v for k, v in overrides.items() if v is not None})
+    return open_registry(store, cls=_Registry, overrides={k: v for k, v in overrides.items() if v is not None})
 
 
 @contextmanager
@@ -161,7 +157,7 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 def cmd_add_defaults(args: argparse.Namespace) -> int:
     store = open_store(args)
-    cache_dir = Path(store.path).resolve() / "cache" / "defaults"
+    cache_dir = defaults_cache_dir(store)
     with _hints(args.store):
         reg = _registry(store)
         specs = register_defaults(reg, cache_dir, names=tuple(args.names))
