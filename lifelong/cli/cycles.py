@@ -1,0 +1,260 @@
+"""Cycle verbs: `cycle` (one growth cycle on a stream) and `eval` (the loss matrix).
+
+`cycle` is thin over :func:`lifelong.cycle.run_cycle`: the same function the scheduler and
+the tests call. SIGTERM/SIGINT ask it to stop after the current step; a stopped cycle
+writes no version (exit 130). A second Ctrl-C aborts at once (still no version: the commit
+is one transaction).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import signal
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from typing import Any
+
+from expert_store import ExpertStore
+
+from ..config import load_config
+from ..cycle import POLICIES, CycleConfig, CycleInterrupted, CycleResult
+from ..errors import ConfigError
+from ..evaluate import continual_metrics, loss_matrix
+from ..workspace import open_registry, tensorboard_dir
+from .common import add_parser, open_store, print_json, print_table
+
+EXIT_INTERRUPTED = 130
+
+
+def _stream_hints(store: str | None) -> Any:
+    from . import streams as stream_verbs
+
+    hints = getattr(stream_verbs, "_hints", None)
+    return hints(store) if hints is not None else nullcontext()
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def _cycle_config(args: argparse.Namespace) -> CycleConfig:
+    """Defaults < --config FILE < flags."""
+    top = dict(
+        policy=args.policy,
+        grow_rows=args.grow_rows,
+        token_budget=args.budget,
+        epochs=args.epochs,
+        replay_ratio=args.replay,
+        distill_weight=args.distill,
+        max_forgetting=args.max_forgetting,
+        eval_tokens=args.eval_tokens,
+        seed=args.seed,
+    )
+    train = dict(batch_size=args.batch_size, lr=args.lr, expert_lr=args.expert_lr)
+    try:
+        cfg = load_config(CycleConfig, args.config, **top)
+        return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **{k: v for k, v in train.items() if v is not None}))
+    except TypeError as exc:  # an unknown field inside the file's "train" object
+        raise ConfigError(f"invalid config file {args.config}: {exc}") from exc
+
+
+class _StopFlag:
+    """SIGTERM/SIGINT set the flag (the cycle stops after its current step); a second
+    signal restores the default handlers, so another Ctrl-C aborts at once."""
+
+    def __init__(self) -> None:
+        self.set = False
+        self.signal: str | None = None
+
+    def __call__(self) -> bool:
+        return self.set
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if self.set:
+            raise KeyboardInterrupt
+        self.set = True
+        self.signal = signal.Signals(signum).name
+        print(f"\n{self.signal}: stopping after the current step; no version will be written "
+              "(send it again to abort at once)", file=sys.stderr, flush=True)
+
+    @contextmanager
+    def installed(self) -> Iterator[_StopFlag]:
+        old: dict[int, Any] = {}
+        try:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                old[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread: no handlers, the flag stays unset
+            pass
+        try:
+            yield self
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+
+
+def _fmt(x: Any, spec: str = ".3f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _print_result(res: CycleResult, store: ExpertStore, cfg: CycleConfig, parent_experts: int) -> None:
+    m = res.metrics
+    head = store.head()
+    print(f"cycle {res.cycle_id}: stream '{res.stream}', policy {res.policy}, "
+          f"{m.get('new_docs', 0):,} docs / {m.get('new_tokens', 0):,} tokens, {m.get('steps')} steps "
+          f"in {res.seconds:.1f}s")
+    losses = m.get("losses", {})
+    print("held-out loss (nats/token): " + "  ".join(f"{s} {_fmt(v)}" for s, v in losses.items())
+          + f"   mean {_fmt(m.get('mean_heldout_loss'))}")
+    forgetting = m.get("forgetting", {})
+    limit = "" if cfg.max_forgetting is None else f" (guard: max {cfg.max_forgetting:g})"
+    print("forgetting (nats, > 0 is worse): "
+          + ("  ".join(f"{s} {v:+.3f}" for s, v in forgetting.items()) or "none (no earlier stream)") + limit)
+    print(f"experts: {m.get('experts')} (+{m.get('experts', 0) - parent_experts}), "
+          f"train loss {_fmt(m.get('train_loss'))}, {m.get('tokens_per_s', 0):,.0f} tokens/s")
+    if res.accepted:
+        print(f"committed version {res.version}: HEAD {res.parent} -> {head}")
+    else:
+        worst = max(forgetting.values(), default=0.0)
+        msg = (f"GUARD FAILED: forgetting {worst:.3f} nats > max_forgetting {cfg.max_forgetting:g}. "
+               f"Version {res.version} kept as '{res.ref}'; HEAD stays at {head} (automatic rollback).")
+        print(msg)
+        print(f"  inspect: lifelong --store {store.path} show {res.ref}   "
+              f"adopt anyway: lifelong --store {store.path} rollback {res.ref}")
+        print(f"warning: {msg}", file=sys.stderr)
+
+
+def cmd_cycle(args: argparse.Namespace) -> int:
+    from ..cycle import run_cycle
+    from ..monitor import Monitor
+
+    cfg = _cycle_config(args)
+    store = open_store(args)
+    log_to = sys.stderr if args.json else sys.stdout
+    flag = _StopFlag()
+    with _stream_hints(args.store):
+        registry = open_registry(store)
+        registry.get(args.stream)  # an unknown stream fails before any event file is made
+    monitor = Monitor(tensorboard_dir(store))
+    try:
+        with _stream_hints(args.store), flag.installed():
+            head = store.head()
+            parent_experts = store.version(head).n_experts if head is not None else 0
+            result = run_cycle(
+                store,
+                registry,
+                args.stream,
+                cfg,
+                device=args.device,
+                monitor=monitor,
+                progress=not args.no_progress and sys.stderr.isatty(),
+                should_stop=flag,
+                wait_s=args.wait,
+                log=lambda line: print(line, file=log_to, flush=True),
+            )
+    except CycleInterrupted as exc:
+        print(f"interrupted: {exc}; HEAD stays at {store.head()}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        monitor.close()
+    if args.json:
+        print_json({
+            "cycle": result.cycle_id,
+            "stream": result.stream,
+            "policy": result.policy,
+            "version": result.version,
+            "parent": result.parent,
+            "ref": result.ref,
+            "accepted": result.accepted,
+            "head": store.head(),
+            "seconds": result.seconds,
+            "experts_added": result.metrics.get("experts", 0) - parent_experts,
+            "config": dataclasses.asdict(cfg),
+            "metrics": result.metrics,
+        })
+    else:
+        _print_result(result, store, cfg, parent_experts)
+    if flag.set:
+        print(f"note: {flag.signal} came after training; the version was complete and is committed", file=sys.stderr)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    store = open_store(args, read_only=True)
+    info = store.version(args.version)
+    chain = list(reversed(store.log(info.id)))
+    matrix = loss_matrix(chain)
+    summary = continual_metrics(matrix) if matrix.values else {}
+    usage = info.metrics.get("usage", {})
+    if args.json:
+        print_json({
+            "version": info.id,
+            "matrix": matrix.to_dict(),
+            "forgetting": summary.get("forgetting", {}),
+            "mean_forgetting": summary.get("mean_forgetting"),
+            "backward_transfer": summary.get("backward_transfer"),
+            "forward_transfer": summary.get("forward_transfer"),
+            "mean_heldout_loss": summary.get("mean_heldout_loss"),
+            "usage": usage,
+        })
+        return 0
+    if not matrix.values:
+        print(f"version {info.id}: no cycle along its history has evaluated anything yet; "
+              f"run `lifelong --store {args.store} cycle --stream NAME`")
+        return 0
+    print(f"loss matrix along version {info.id}'s first-parent history (held-out nats/token; rows: versions):")
+    print(matrix.format_table())
+    print()
+    forgetting = summary["forgetting"]
+    print("forgetting (last minus best earlier, nats; > 0 is worse): "
+          + ("  ".join(f"{s} {v:+.3f}" for s, v in forgetting.items()) or "none"))
+    print(f"mean forgetting {summary['mean_forgetting']:+.3f}   "
+          f"BWT {_fmt(summary['backward_transfer'], '+.3f')}   FWT {_fmt(summary['forward_transfer'], '+.3f')}   "
+          f"mean held-out loss {_fmt(summary['mean_heldout_loss'])}")
+    if usage:
+        print()
+        print(f"expert usage at version {info.id} (on the last trained stream's held-out data):")
+        print_table(["layer", "experts", "used %", "KL to uniform"],
+                    [(name, u.get("experts"), f"{100 * u['used_share']:.1f}", f"{u['kl_uniform']:.3f}") for name, u in usage.items()])
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = add_parser(sub, "cycle", "run one growth cycle on a stream: ingest, grow, train, evaluate, commit",
+                   "lifelong --store ./store cycle --stream news --policy freeze-experts --grow-rows 8")
+    p.add_argument("--stream", required=True, help="registered stream to learn from")
+    p.add_argument("--policy", choices=POLICIES,
+                   help="full: fine-tune all; freeze-experts: grow, old experts/keys frozen (default); "
+                        "freeze-all: grow, only new rows train")
+    p.add_argument("--grow-rows", type=_positive_int, metavar="N", help="rows added to each PEER layer (default: 8)")
+    p.add_argument("--budget", type=_positive_int, metavar="TOKENS", help="new tokens taken from the stream (default: 1000000)")
+    p.add_argument("--epochs", type=float, help="passes over the new data (default: 1)")
+    p.add_argument("--replay", type=float, metavar="RATIO", help="share of each batch replayed from earlier streams")
+    p.add_argument("--distill", type=float, metavar="WEIGHT", help="KL-to-previous-version weight on replayed rows")
+    p.add_argument("--max-forgetting", type=float, metavar="NATS",
+                   help="guard: above it the version is kept as candidate/<cycle> and HEAD does not move")
+    p.add_argument("--eval-tokens", type=_positive_int, metavar="TOKENS", help="held-out tokens per stream (default: 32768)")
+    p.add_argument("--batch-size", type=_positive_int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--expert-lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: GPU if there is one)")
+    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                   help="wait this long for another running cycle's lease (default: refuse at once)")
+    p.add_argument("--config", metavar="FILE", help="JSON of CycleConfig fields (nested 'train'); flags override it")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_cycle)
+
+    p = add_parser(sub, "eval", "the loss matrix along HEAD's history, forgetting, transfer and expert usage",
+                   "lifelong --store ./store eval --json")
+    p.add_argument("--version", default="HEAD", help="id, tag, ref or HEAD~n (default: HEAD)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)

@@ -1,0 +1,119 @@
+"""`lifelong cycle` and `lifelong eval` end to end through the real CLI, in-process."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import threading
+import time
+
+import pytest
+from sqlalchemy import select
+
+from expert_store import ExpertStore
+from lifelong.cli.main import main
+from lifelong.records import CycleRow
+
+MODEL = {"d_model": 32, "n_layers": 2, "n_heads": 2, "block_size": 64,
+         "peer": {"d_model": 32, "heads": 2, "top_k": 4, "d_key": 16, "n_rows": 8, "n_cols": 8}}
+FAST = ["--grow-rows", "2", "--budget", "20000", "--eval-tokens", "2048", "--batch-size", "8", "--device", "cpu", "--no-progress"]
+
+
+@pytest.fixture()
+def store_dir(tmp_path, capsys):
+    rng = random.Random(0)
+    for name, alphabet in (("a", "abcdefgh "), ("b", "0123456789+= ")):
+        (tmp_path / f"{name}.txt").write_text("\n".join("".join(rng.choice(alphabet) for _ in range(60)) for _ in range(120)))
+    (tmp_path / "model.json").write_text(json.dumps(MODEL))
+    path = tmp_path / "store"
+    assert main(["--store", str(path), "init", "--config", str(tmp_path / "model.json")]) == 0
+    for name in "ab":
+        assert main(["--store", str(path), "stream", "add", name, str(tmp_path / f"{name}.txt")]) == 0
+    capsys.readouterr()
+    return path
+
+
+def run(store_dir, *args, capsys):
+    code = main(["--store", str(store_dir), *args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cycle_guard_and_eval(store_dir, capsys):
+    code, out, err = run(store_dir, "cycle", "--stream", "a", *FAST, "--json", capsys=capsys)
+    assert code == 0, err
+    res = json.loads(out)  # stdout is pure JSON; the cycle's log lines went to stderr
+    assert res["accepted"] and res["ref"] == "HEAD" and res["head"] == res["version"] == 2
+    assert res["experts_added"] == 2 * 8 and set(res["metrics"]["losses"]) == {"a"}
+    assert (store_dir / "tensorboard").is_dir()
+
+    # The guard: any forgetting trips it; the version is a candidate, HEAD stays, exit 0 but loud.
+    code, out, err = run(store_dir, "cycle", "--stream", "b", "--policy", "freeze-all", *FAST, "--max-forgetting=-1e6", capsys=capsys)
+    assert code == 0 and "GUARD FAILED" in out and "candidate/2" in out and "HEAD stays at 2" in out
+    assert "GUARD FAILED" in err
+    store = ExpertStore.open(store_dir)
+    assert store.head() == 2 and {r.name: r.version_id for r in store.refs()}["candidate/2"] == 3
+    store.close()
+
+    # Nothing moved: b is still pending against HEAD; now it commits.
+    code, out, err = run(store_dir, "cycle", "--stream", "b", "--policy", "freeze-all", *FAST, capsys=capsys)
+    assert code == 0 and "committed version 4: HEAD 2 -> 4" in out and "forgetting" in out
+
+    code, out, _ = run(store_dir, "eval", "--json", capsys=capsys)
+    ev = json.loads(out)
+    m = ev["matrix"]
+    assert ev["version"] == 4 and m["versions"] == [2, 4] and m["streams"] == ["a", "b"] and m["trained"] == ["a", "b"]
+    assert m["values"][0][1] is None and all(x is not None for x in m["values"][1])
+    assert list(ev["forgetting"]) == ["a"] and ev["mean_forgetting"] == pytest.approx(ev["forgetting"]["a"])
+    assert ev["backward_transfer"] is not None and ev["usage"]
+    code, out, _ = run(store_dir, "eval", capsys=capsys)
+    assert code == 0 and "version  trained" in out and "BWT" in out and "KL to uniform" in out
+    code, out, _ = run(store_dir, "eval", "--version", "candidate/2", "--json", capsys=capsys)
+    assert code == 0 and json.loads(out)["matrix"]["versions"] == [2, 3]
+
+    # Failures are one line and exit 1; nothing is written.
+    code, _, err = run(store_dir, "cycle", "--stream", "a", *FAST, capsys=capsys)
+    assert code == 1 and "nothing pending" in err and "Traceback" not in err
+    code, _, err = run(store_dir, "cycle", "--stream", "nope", *FAST, capsys=capsys)
+    assert code == 1 and err.startswith("error:") and "nope" in err
+    assert len(ExpertStore.open(store_dir).versions()) == 4
+
+
+@pytest.mark.parametrize("argv", [["cycle"], ["cycle", "--stream", "a", "--policy", "bogus"],
+                                  ["cycle", "--stream", "a", "--grow-rows", "0"], ["eval", "--bogus"]])
+def test_usage_errors_exit_2(tmp_path, argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--store", str(tmp_path), *argv])
+    assert exc.value.code == 2
+
+
+def test_bad_config_is_one_line(store_dir, tmp_path, capsys):
+    (tmp_path / "c.json").write_text(json.dumps({"policy": "freeze-all", "bogus": 1}))
+    code, _, err = run(store_dir, "cycle", "--stream", "a", "--config", str(tmp_path / "c.json"), capsys=capsys)
+    assert code == 1 and "bogus" in err
+    (tmp_path / "c.json").write_text(json.dumps({"train": {"bogus": 1}}))
+    code, _, err = run(store_dir, "cycle", "--stream", "a", "--config", str(tmp_path / "c.json"), capsys=capsys)
+    assert code == 1 and "bogus" in err and err.count("\n") <= 2
+
+
+def test_sigterm_stops_the_cycle_without_a_version(store_dir, capsys):
+    def terminate_once_handled() -> None:
+        # Send SIGTERM only once the CLI's handler is installed (the default would kill pytest).
+        deadline = time.monotonic() + 60
+        while signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered to the main thread, which runs the cycle
+
+    before = signal.getsignal(signal.SIGTERM)
+    t = threading.Thread(target=terminate_once_handled, daemon=True)
+    t.start()
+    code, out, err = run(store_dir, "cycle", "--stream", "a", *FAST, "--epochs", "50", capsys=capsys)
+    t.join(5)
+    assert code == 130 and "SIGTERM" in err and "no version" in err
+    assert signal.getsignal(signal.SIGTERM) == before  # handlers restored
+    store = ExpertStore.open(store_dir)
+    assert store.head() == 1 and len(store.versions()) == 1
+    with store.engine.connect() as conn:
+        assert [r.status for r in conn.execute(select(CycleRow.__table__))] == ["interrupted"]

@@ -1,0 +1,321 @@
+"""`run_cycle` through the Python API on a tiny model and three tiny streams.
+
+Commit, policies (bit-identical freezing), the forgetting guard (candidate ref), replay and
+distillation, the lease, and SIGKILL of a cycle mid-training and mid-commit.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from sqlalchemy import select
+
+from expert_store import ExpertStore
+from lifelong.checkpoint import checkout_model, init_store
+from lifelong.config import ModelConfig, PEERConfig, TrainConfig
+from lifelong.cycle import CycleConfig, NothingPendingError, run_cycle
+from lifelong.records import CycleRow, Lease, LeaseHeldError
+from streams import StreamRegistry
+
+MODEL = ModelConfig(d_model=32, n_layers=2, n_heads=2, block_size=64,
+                    peer=PEERConfig(d_model=32, heads=2, top_k=4, d_key=16, n_rows=8, n_cols=8))
+GROW = 2
+BUDGET = 20_000  # more than each stream holds: one cycle consumes a stream
+
+
+def _lines(kind: str, n: int = 200, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    if kind == "a":  # lowercase prose about fruit
+        words = ["apple", "banana", "cherry", "grape", "lemon", "mango", "peach", "plum"]
+        return "\n".join(" ".join(rng.choice(words) for _ in range(10)) for _ in range(n))
+    if kind == "b":  # arithmetic
+        return "\n".join(f"{rng.randint(0, 999)} + {rng.randint(0, 999)} = {rng.randint(0, 1999)} ; "
+                         f"{rng.randint(0, 99)} * {rng.randint(0, 99)}" for _ in range(n))
+    return "\n".join("".join(rng.choice("XYZ#@!") for _ in range(50)) for _ in range(n))  # symbols
+
+
+def make_store(root: Path) -> Path:
+    """A fresh tiny store with streams a, b, c registered (sources under ``root/src``)."""
+    src = root / "src"
+    src.mkdir(parents=True)
+    store, _ = init_store(str(root / "store"), MODEL)
+    reg = registry(store)
+    for name in "abc":
+        (src / f"{name}.txt").write_text(_lines(name))
+        reg.add(name, str(src / f"{name}.txt"))
+    store.close()
+    return root / "store"
+
+
+def registry(store: ExpertStore) -> StreamRegistry:
+    work = Path(store.path) / "streams"
+    work.mkdir(exist_ok=True)
+    return StreamRegistry(store.engine, work_dir=str(work))
+
+
+def cfg(policy: str = "freeze-experts", **kw) -> CycleConfig:
+    return CycleConfig(policy=policy, grow_rows=GROW, token_budget=BUDGET, eval_tokens=2048,
+                       train=TrainConfig(batch_size=8), **kw)
+
+
+def cycle(store: ExpertStore, stream: str, config: CycleConfig | None = None, **kw):
+    return run_cycle(store, registry(store), stream, config or cfg(), device="cpu", progress=False, log=lambda s: None, **kw)
+
+
+def cycle_rows(store: ExpertStore) -> list[CycleRow]:
+    with store.engine.connect() as conn:
+        return list(conn.execute(select(CycleRow.__table__).order_by(CycleRow.id)))
+
+
+def experts_by_layer(info) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for s in info.shards:
+        out[s.layer] = out.get(s.layer, 0) + s.n_experts
+    return out
+
+
+def old_tables_equal(parent_model, child_model) -> bool:
+    """Old rows' keys, their experts' u/v and the column keys: all bit-identical?"""
+    for name, old in parent_model.peer_layers().items():
+        new = child_model.peer_layers()[name]
+        n = old.num_experts
+        if not (torch.equal(old.expert_u, new.expert_u[:n]) and torch.equal(old.expert_v, new.expert_v[:n])
+                and torch.equal(old.all_row_keys(), new.all_row_keys()[: old.n_rows])
+                and torch.equal(old.col_keys, new.col_keys)):
+            return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    return make_store(tmp_path_factory.mktemp("base"))
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory, base):
+    """a (freeze-experts) -> b (freeze-all) -> c (full), on a copy of ``base``."""
+    path = tmp_path_factory.mktemp("chain") / "store"
+    shutil.copytree(base, path)
+    store = ExpertStore.open(path)
+    expected = {s: registry(store).ingest(s, None, BUDGET, use_staged=False) for s in "abc"}
+    results = {s: cycle(store, s, cfg(p)) for s, p in (("a", "freeze-experts"), ("b", "freeze-all"), ("c", "full"))}
+    return store, results, expected
+
+
+@pytest.fixture()
+def after_a(tmp_path, chain):
+    """A private store whose HEAD is the chain's version after cycle a (b, c pending)."""
+    store, results, _ = chain
+    path = tmp_path / "store"
+    shutil.copytree(store.path, path)
+    copy = ExpertStore.open(path)
+    copy.rollback(results["a"].version, why="test: back to after cycle a")
+    yield copy
+    copy.close()
+
+
+def test_cycle_commits_a_version_with_cursor_metrics_and_growth(chain):
+    store, results, expected = chain
+    res = results["a"]
+    assert res.accepted and res.ref == "HEAD" and res.parent == 1 and res.version == 2
+    v = store.version(res.version)
+    assert v.cursors["a"] == expected["a"].new_cursor  # the stream's cursor, committed in the version
+    assert v.metrics["new_docs"] == expected["a"].train_docs > 0
+    assert set(v.metrics["losses"]) == {"a"} and v.metrics["losses"]["a"] > 0
+    for s, r in results.items():  # every version: one loss-matrix row over every stream seen
+        assert list(store.version(r.version).metrics["losses"]) == list("abc"[: "abc".index(s) + 1])
+    parent = experts_by_layer(store.version(1))
+    assert experts_by_layer(v) == {k: n + GROW * MODEL.peer.n_cols for k, n in parent.items()}
+    assert [r.status for r in cycle_rows(store)] == ["committed"] * 3
+    head = store.head()
+    with pytest.raises(NothingPendingError):
+        cycle(store, "a")  # nothing new since HEAD's cursor
+    assert store.head() == head and len(store.versions()) == 4
+    assert len(cycle_rows(store)) == 3  # no cycle row either: refused before it started
+
+
+def test_freeze_experts_keeps_old_experts_and_keys_bit_identical(chain):
+    store, results, _ = chain
+    parent, child = store.version(1), store.version(results["a"].version)
+    old = {(s.layer, s.row_start, s.row_end): s.object_hash for s in parent.shards}
+    new = {(s.layer, s.row_start, s.row_end): s.object_hash for s in child.shards}
+    assert all(new[k] == h for k, h in old.items())  # same content hash: same bytes
+    pm, _ = checkout_model(store, 1, device="cpu")
+    cm, _ = checkout_model(store, results["a"].version, device="cpu")
+    assert old_tables_equal(pm, cm)
+    assert any(not torch.equal(a, cm.dense_state_dict()[k]) for k, a in pm.dense_state_dict().items())  # dense trained
+
+
+def test_freeze_all_keeps_every_old_weight_bit_identical(chain):
+    store, results, _ = chain
+    pm, _ = checkout_model(store, results["a"].version, device="cpu")
+    cm, _ = checkout_model(store, results["b"].version, device="cpu")
+    assert old_tables_equal(pm, cm)
+    pd, cd = pm.dense_state_dict(), cm.dense_state_dict()
+    assert pd.keys() == cd.keys() and any("running_mean" in k for k in pd)  # BatchNorm statistics included
+    changed = [k for k in pd if not torch.equal(pd[k], cd[k])]
+    assert changed == []
+    grown = experts_by_layer(store.version(results["b"].version))
+    assert grown == {k: n + GROW * MODEL.peer.n_cols for k, n in experts_by_layer(store.version(results["a"].version)).items()}
+
+
+def test_full_changes_old_experts_and_adds_none(chain):
+    store, results, _ = chain
+    b, c = store.version(results["b"].version), store.version(results["c"].version)
+    assert experts_by_layer(c) == experts_by_layer(b) and c.metrics["grown_rows"] == 0
+    pm, _ = checkout_model(store, b.id, device="cpu")
+    cm, _ = checkout_model(store, c.id, device="cpu")
+    for name, old in pm.peer_layers().items():
+        assert not torch.equal(old.expert_u, cm.peer_layers()[name].expert_u)
+
+
+def test_guard_keeps_a_candidate_and_leaves_head(after_a):
+    store = after_a
+    head, n = store.head(), len(store.versions())
+    res = cycle(store, "b", cfg(max_forgetting=-1e6))  # any forgetting at all trips it
+    assert not res.accepted and res.ref == f"candidate/{res.cycle_id}"
+    assert store.head() == head and len(store.versions()) == n + 1
+    assert {r.name: r.version_id for r in store.refs()}[res.ref] == res.version
+    assert store.version(res.version).parent == head
+    row = cycle_rows(store)[-1]
+    assert (row.id, row.status, row.version) == (res.cycle_id, "candidate", res.version)
+    assert "b" not in store.version("HEAD").cursors  # rolled back: b's data is pending again
+    assert cycle(store, "b").accepted
+
+
+def test_replay_and_distillation_commit(after_a):
+    store = after_a
+    res = cycle(store, "b", cfg("freeze-experts", replay_ratio=0.25, distill_weight=1.0))
+    assert res.accepted and store.head() == res.version
+    m = res.metrics
+    assert set(m["losses"]) == {"a", "b"} and all(v > 0 for v in m["losses"].values())
+    assert set(m["forgetting"]) == {"a"} and m["steps"] > 0
+
+
+def test_lease_held_refuses_without_a_version(after_a):
+    store = after_a
+    head, n, rows = store.head(), len(store.versions()), len(cycle_rows(store))
+    with Lease(store.engine, "cycle", holder="other"):
+        with pytest.raises(LeaseHeldError, match="other"):
+            cycle(store, "b")
+    assert store.head() == head and len(store.versions()) == n and len(cycle_rows(store)) == rows
+
+
+# -- SIGKILL ------------------------------------------------------------------------------
+
+CHILD = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from expert_store import ExpertStore
+    from streams import StreamRegistry
+    import lifelong.cycle as cyc
+    from lifelong.config import TrainConfig
+
+    store = ExpertStore.open(sys.argv[1])
+    reg = StreamRegistry(store.engine, work_dir=str(Path(sys.argv[1]) / "streams"))
+    commit = cyc.commit_model
+
+    def announced(*a, **kw):
+        print("COMMIT", flush=True)
+        info = commit(*a, **kw)
+        print("COMMITTED", flush=True)
+        return info
+
+    cyc.commit_model = announced
+    cfg = cyc.CycleConfig(grow_rows=2, token_budget=20_000, eval_tokens=2048, epochs=float(sys.argv[2]),
+                          train=TrainConfig(batch_size=8))
+    cyc.run_cycle(store, reg, "b", cfg, device="cpu", progress=False, log=lambda s: print("LOG", s, flush=True))
+    print("DONE", flush=True)
+    """
+)
+
+
+def _kill_child(store_path: Path, epochs: float, marker: str, delay: float) -> tuple[int, list[str]]:
+    """Start a cycle on b in a child; SIGKILL it ``delay`` s after it prints ``marker``."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(store_path), str(epochs)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    seen = []
+    try:
+        for line in proc.stdout:  # type: ignore[union-attr]
+            seen.append(line.split()[0])
+            if seen[-1] == marker:
+                time.sleep(delay)
+                break
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(30)
+    print(f"child {marker}+{delay}: {time.perf_counter() - t0:.1f}s, saw {seen}")
+    return proc.pid, seen
+
+
+def _check_after_kill(store_path: Path, pid: int, head: int, expected) -> bool:
+    """The store is consistent: either nothing happened, or exactly one whole version did."""
+    store = ExpertStore.open(store_path)
+    try:
+        assert store.verify() == []
+        # The dead child still holds the cycle lease (TTL 300 s). Release it as the operator
+        # would, under the dead holder's name, instead of waiting for it to expire.
+        Lease(store.engine, "cycle", holder=f"cli:{socket.gethostname()}:{pid}").release()
+        if store.head() == head:
+            assert "b" not in store.version("HEAD").cursors
+            return False
+        v = store.version("HEAD")  # the commit landed before the kill: whole, and exactly once
+        assert v.parent == head and v.cursors["b"] == expected.new_cursor
+        assert v.metrics["new_docs"] == expected.train_docs
+        with pytest.raises(NothingPendingError):
+            cycle(store, "b")
+        return True
+    finally:
+        store.close()
+
+
+def test_sigkill_mid_training_and_mid_commit_leaves_the_store_consistent(tmp_path, chain):
+    store, results, expected = chain
+    src = Path(store.path)
+    head = results["a"].version
+
+    prepared = tmp_path / "prepared"
+    shutil.copytree(src, prepared)
+    with ExpertStore.open(prepared) as s:
+        s.rollback(head, why="test")
+        registry(s).stage("b", None, BUDGET)  # staged data: the children skip reading the source
+
+    def fresh(name: str) -> Path:
+        shutil.copytree(prepared, tmp_path / name)
+        return tmp_path / name
+
+    # Mid-training: the child runs hundreds of steps; kill it 1 s into training.
+    path = fresh("train")
+    pid, seen = _kill_child(path, 40.0, "LOG", 1.0)
+    assert "COMMIT" not in seen
+    assert not _check_after_kill(path, pid, head, expected["b"])
+    s = ExpertStore.open(path)
+    assert [r.status for r in cycle_rows(s)][-1] == "running"  # the dead cycle's row stays 'running'
+    res = cycle(s, "b")  # the rerun reads the same data: nothing lost, nothing counted twice
+    assert res.accepted and res.metrics["new_docs"] == expected["b"].train_docs
+    assert s.version("HEAD").cursors["b"] == expected["b"].new_cursor
+    assert s.version("HEAD").cursors["a"] == s.version(head).cursors["a"]
+    with pytest.raises(NothingPendingError):
+        cycle(s, "b")
+    s.close()
+
+    # Mid-commit, at a few delays after the commit starts (short training: 0.05 epochs).
+    landed = []
+    for i, delay in enumerate((0.0, 0.015, 0.5)):  # aborted, either, landed (typically)
+        path = fresh(f"commit{i}")
+        pid, seen = _kill_child(path, 0.05, "COMMIT", delay)
+        assert "COMMIT" in seen
+        landed.append(_check_after_kill(path, pid, head, expected["b"]))
+    print("commit landed before the kill:", landed)
