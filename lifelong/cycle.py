@@ -217,6 +217,13 @@ def run_cycle(
         if data.train_docs == 0:
             raise NothingPendingError(f"stream '{stream}' has nothing pending after version {parent}; no version was made")
         with store.engine.begin() as conn:
+            # We hold the lease, so no other cycle runs: a 'running' row is one whose process
+            # died holding it (SIGKILL, power loss) before recording its outcome.
+            conn.execute(
+                CycleRow.__table__.update()
+                .where(CycleRow.status == "running")
+                .values(status="abandoned", finished_at=utcnow(), detail={"error": "its process died before recording an outcome"})
+            )
             cycle_id = conn.execute(
                 CycleRow.__table__.insert().values(
                     stream=stream, policy=cfg.policy, status="running", started_at=utcnow(), parent_version=parent, holder=holder

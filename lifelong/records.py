@@ -37,7 +37,7 @@ class CycleRow(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     stream: Mapped[str] = mapped_column(String(128))
     policy: Mapped[str] = mapped_column(String(32))
-    status: Mapped[str] = mapped_column(String(16))  # running | committed | candidate | failed | interrupted
+    status: Mapped[str] = mapped_column(String(16))  # running | committed | candidate | failed | interrupted | abandoned
     started_at: Mapped[datetime] = mapped_column(DateTime)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     parent_version: Mapped[int | None] = mapped_column(Integer, nullable=True)

@@ -307,6 +307,7 @@ def test_sigkill_mid_training_and_mid_commit_leaves_the_store_consistent(tmp_pat
     assert res.accepted and res.metrics["new_docs"] == expected["b"].train_docs
     assert s.version("HEAD").cursors["b"] == expected["b"].new_cursor
     assert s.version("HEAD").cursors["a"] == s.version(head).cursors["a"]
+    assert [r.status for r in cycle_rows(s)][-2:] == ["abandoned", "committed"]  # the dead one, marked by the rerun
     with pytest.raises(NothingPendingError):
         cycle(s, "b")
     s.close()
