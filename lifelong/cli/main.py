@@ -17,6 +17,8 @@ MODULES = [
     "lifelong.cli.store",
     "lifelong.cli.streams",
     "lifelong.cli.cycles",
+    "lifelong.cli.schedule",
+    "lifelong.cli.audit",
     "lifelong.cli.demo",
 ]
 
