@@ -18,7 +18,6 @@ MODULES = [
     "lifelong.cli.streams",
     "lifelong.cli.cycles",
     "lifelong.cli.schedule",
-    "lifelong.cli.audit",
     "lifelong.cli.demo",
 ]
 
