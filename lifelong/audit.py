@@ -289,7 +289,7 @@ def capture_queries(
     Returns ``{layer_name: (Q, h, dk)}`` float CPU tensors, Q = tokens seen (at most
     ``max_queries``). Blocks one longer than the model's ``block_size`` (the training
     layout, inputs + shifted targets) are cut to their first ``block_size`` tokens.
-    The model's mode and every layer's ``capture`` are restored afterwards.
+    Every module's train/eval mode and every layer's ``capture`` are restored afterwards.
     """
     layers = _peer_layers(model)
     ids = torch.as_tensor(np.asarray(blocks) if not isinstance(blocks, Tensor) else blocks)
@@ -301,7 +301,7 @@ def capture_queries(
     if block_size is not None and ids.shape[1] == block_size + 1:
         ids = ids[:, :-1]
     device = next(model.parameters()).device
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # restored per module, not just the root
     saved = {name: layer.capture for name, layer in layers.items()}
     out: dict[str, list[Tensor]] = {name: [] for name in layers}
     seen = 0
@@ -323,7 +323,8 @@ def capture_queries(
     finally:
         for name, layer in layers.items():
             layer.capture = saved[name]
-        model.train(was_training)
+        for m, mode in modes:
+            m.training = mode
     result = {name: torch.cat(qs)[:max_queries] for name, qs in out.items() if qs}
     if len(result) < len(layers):
         raise NoQueriesError(f"no queries reached PEER layer(s) {sorted(set(layers) - set(result))}")

@@ -22,6 +22,7 @@ import platform
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import faiss
 import numpy as np
@@ -126,16 +127,23 @@ def bench_audit(args: argparse.Namespace) -> dict:
     return record
 
 
-def best_of(fn, min_total_s: float = 2.0, max_repeats: int = 200) -> tuple[float, float]:
-    """(wall, CPU) seconds of the fastest of up to ``max_repeats`` runs (at least two, then
-    stopping once ``min_total_s`` has been spent). CPU = process time over all threads: less
-    sensitive than wall time to other processes competing for the cores."""
-    runs: list[tuple[float, float]] = []
-    while len(runs) < 2 or (len(runs) < max_repeats and sum(r[0] for r in runs) < min_total_s):
-        t0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        runs.append((time.perf_counter() - t0, time.process_time() - c0))
-    return min(runs)
+def interleaved_best(fns: dict[str, Callable[[], object]], min_total_s: float = 3.0, max_rounds: int = 50) -> dict[str, tuple[float, float]]:
+    """(wall, CPU) seconds of the fastest run of each function.
+
+    Rounds run every function once, in turn, so that all of them meet the same background load
+    (this machine's cores are shared); at least 2 rounds, more while under ``min_total_s``. CPU =
+    process time over all threads, less sensitive to competing processes than wall time.
+    """
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in fns}
+    spent, rounds = 0.0, 0
+    while rounds < 2 or (rounds < max_rounds and spent < min_total_s):
+        for name, fn in fns.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            runs[name].append((time.perf_counter() - t0, time.process_time() - c0))
+            spent += runs[name][-1][0]
+        rounds += 1
+    return {name: min(r) for name, r in runs.items()}
 
 
 @torch.no_grad()
@@ -144,20 +152,19 @@ def bench_speed(side: int, args: argparse.Namespace) -> dict:
     q = make_queries(layer, args.speed_tokens)  # (T, h, dk)
     flat_q = q.reshape(-1, args.d_key).contiguous()  # (T*h, dk)
     k = args.top_k
-    (t_pk, c_pk) = best_of(lambda: layer.retrieve(q))
     keys = layer.full_keys()  # (N, dk), materialised once (not timed)
     index = faiss.IndexFlatIP(args.d_key)
     index.add(keys.numpy())
     xq = flat_q.numpy()
-    (t_faiss, c_faiss) = best_of(lambda: index.search(xq, k))
-    del index
     chunk = max(1, (256 << 20) // (4 * keys.shape[0]))  # queries per matmul: (chunk, N) <= 256 MiB
 
     def brute() -> None:
         for a in range(0, flat_q.shape[0], chunk):
             (flat_q[a : a + chunk] @ keys.t()).topk(k, dim=-1)
 
-    (t_torch, c_torch) = best_of(brute)
+    best = interleaved_best({"pk": lambda: layer.retrieve(q), "faiss": lambda: index.search(xq, k), "torch": brute})
+    (t_pk, c_pk), (t_faiss, c_faiss), (t_torch, c_torch) = best["pk"], best["faiss"], best["torch"]
+    del index
     n = flat_q.shape[0]
     record = {
         "bench": "speed",

@@ -81,11 +81,13 @@ def test_trained_and_grown_model_recall_is_one():
 def test_capture_restores_state_and_respects_max_queries():
     model = tiny_model()
     model.train()
+    model.blocks[0].attn.eval()  # a mixed-mode model must come back mixed
     layer = model.peer_layers()["blocks.1.ffn"]
     captured = capture_queries(model, torch.as_tensor(blocks(5, 16)), batch_size=2, max_queries=40)
     q = captured["blocks.1.ffn"]
     assert q.shape == (40, 2, 16) and q.device.type == "cpu"
-    assert model.training and layer.capture is None
+    assert model.training and layer.training and layer.capture is None
+    assert not model.blocks[0].attn.training and model.blocks[0].training
     # Same queries as the layer computes in eval mode on the same inputs.
     model.eval()
     with torch.no_grad():
