@@ -175,6 +175,16 @@ def _mixed_batches(new: np.ndarray, replay: np.ndarray | None, batch_size: int, 
             yield torch.from_numpy(batch).long(), torch.from_numpy(mask)
 
 
+def _consumed_tokens(chain: list[Any]) -> dict[str, int]:
+    """Training tokens committed per stream along a version chain (from cycle metrics)."""
+    out: dict[str, int] = {}
+    for v in chain:
+        s = v.metrics.get("stream")
+        if s:
+            out[s] = out.get(s, 0) + int(v.metrics.get("new_tokens", 0))
+    return out
+
+
 def _stream_order(chain_metrics: list[dict[str, Any]], cursors: dict[str, Any], stream: str) -> list[str]:
     seen: list[str] = []
     for m in chain_metrics:
@@ -257,6 +267,8 @@ def _cycle_body(store, registry, stream, cfg, parent, pinfo, data, cycle_id, dev
     new_blocks = new_blocks.astype(np.int64)
     log(f"cycle {cycle_id}: stream '{stream}', {data.train_docs} docs / {data.train_token_count} tokens new "
         f"({len(new_blocks)} blocks), policy {cfg.policy}, parent version {parent}")
+    held_new = _to_blocks(registry.heldout(stream, max_tokens=cfg.eval_tokens).tokens, mc.block_size, mc.pad_id)
+    loss_before = evaluate_loss(model, held_new) if len(held_new) else None  # parent on the new stream
     torch.manual_seed(cfg.seed)
     policy_info = apply_policy(model, cfg, new_blocks)
 
@@ -265,8 +277,15 @@ def _cycle_body(store, registry, stream, cfg, parent, pinfo, data, cycle_id, dev
     old_streams = [s for s in pinfo.cursors if s != stream]
     if cfg.replay_ratio > 0 and old_streams:
         per_stream = max(1, int(cfg.replay_ratio * data.train_token_count / len(old_streams)))
-        parts = [registry.ingest(s, None, per_stream, use_staged=False).train_tokens for s in old_streams]
-        replay_blocks = _to_blocks(np.concatenate(parts), mc.block_size, mc.pad_id, cfg.seed)
+        consumed = _consumed_tokens(store.log(parent))
+        # Streams are read in a deterministic order, so the first `consumed` tokens from the
+        # start are exactly data already trained on: replay never touches uncommitted data.
+        parts = [
+            registry.ingest(s, None, min(per_stream, consumed.get(s, 0)), use_staged=False).train_tokens
+            for s in old_streams
+            if consumed.get(s, 0) > 0
+        ]
+        replay_blocks = _to_blocks(np.concatenate(parts), mc.block_size, mc.pad_id, cfg.seed) if parts else None
         if cfg.distill_weight > 0:
             teacher, _ = checkout_model(store, parent, device=device)
             teacher.eval()
@@ -302,7 +321,7 @@ def _cycle_body(store, registry, stream, cfg, parent, pinfo, data, cycle_id, dev
         distill_weight=cfg.distill_weight,
         distill_temperature=cfg.distill_temperature,
     )
-    if stopped[0]:
+    if stop():
         raise CycleInterrupted(f"cycle {cycle_id} stopped after {result.steps} of {steps} steps; no version was committed")
 
     # Evaluate on every stream seen so far: one row of the loss matrix.
@@ -316,7 +335,14 @@ def _cycle_body(store, registry, stream, cfg, parent, pinfo, data, cycle_id, dev
         losses[s] = evaluate_loss(model, blocks) if len(blocks) else None
         if s == stream and len(blocks):
             usage_blocks = blocks
-    metrics: dict[str, Any] = {"stream": stream, "policy": cfg.policy, "cycle": cycle_id, "losses": losses}
+    metrics: dict[str, Any] = {
+        "stream": stream,
+        "policy": cfg.policy,
+        "cycle": cycle_id,
+        "losses": losses,
+        "loss_before": loss_before,
+        "baseline_loss": math.log(mc.vocab_size),
+    }
     matrix = loss_matrix(chain + [SimpleNamespace(id=-1, metrics=metrics)])
     metrics.update(continual_metrics(matrix))
     counts: dict[str, torch.Tensor] = {}
@@ -338,6 +364,8 @@ def _cycle_body(store, registry, stream, cfg, parent, pinfo, data, cycle_id, dev
     worst = max(metrics["forgetting"].values(), default=0.0)
     if cfg.max_forgetting is not None and worst > cfg.max_forgetting:
         ref = f"candidate/{cycle_id}"
+    if stop():
+        raise CycleInterrupted(f"cycle {cycle_id} stopped before its commit; no version was committed")
     cursors = {**pinfo.cursors, stream: data.new_cursor}
     info = commit_model(
         store,
@@ -352,9 +380,12 @@ def _cycle_body(store, registry, stream, cfg, parent, pinfo, data, cycle_id, dev
     if ref != "HEAD":
         log(f"guard: forgetting {worst:.3f} nats > max_forgetting {cfg.max_forgetting}: version {info.id} kept as "
             f"'{ref}', HEAD stays at {parent} (automatic rollback)")
-    if monitor is not None:
-        prompt = torch.from_numpy((usage_blocks if usage_blocks is not None else new_blocks)[:1, :16]).long().to(device)
-        out = model.generate(prompt, 96, temperature=0.8, top_k=20, generator=torch.Generator(device).manual_seed(cfg.seed))
-        sample = bytes(t for t in out[0].tolist() if t < 256).decode("utf-8", errors="replace")
-        monitor.cycle(cycle_id, metrics, model, usage_counts=counts, sample=sample)
+    if monitor is not None:  # the version is committed: a logging failure must not fail the cycle
+        try:
+            prompt = torch.from_numpy((usage_blocks if usage_blocks is not None else new_blocks)[:1, :16]).long().to(device)
+            out = model.generate(prompt, 96, temperature=0.8, top_k=20, generator=torch.Generator(device).manual_seed(cfg.seed))
+            sample = bytes(t for t in out[0].tolist() if t < 256).decode("utf-8", errors="replace")
+            monitor.cycle(cycle_id, metrics, model, usage_counts=counts, sample=sample)
+        except Exception as exc:  # noqa: BLE001
+            log(f"warning: TensorBoard logging of cycle {cycle_id} failed: {exc}")
     return CycleResult(cycle_id, stream, cfg.policy, info.id, parent, ref, metrics, 0.0)

@@ -6,13 +6,14 @@ Lower is better, so:
 
 - forgetting_j = L[last][j] - min_{i < last} L[i][j]   (how much worse than its best; >= 0 is bad)
 - BWT = mean_j (L[t_j][j] - L[last][j])                (t_j: the cycle that trained j; > 0 = improved)
-- FWT = mean_j (L[0][j] - L[t_j - 1][j])               (before training on j, vs the first version)
+- FWT = mean_j (b - B_j)   B_j: the parent's loss on j just before the cycle that first trained j,
+                           b = ln(vocab), the loss of a uniform predictor (> 0 = earlier streams helped)
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,8 @@ class LossMatrix:
     streams: list[str]  # column labels, in order first trained
     trained: list[str | None]  # the stream each row's cycle trained (None: init/other)
     values: list[list[float | None]]  # values[i][j], None where not evaluated
+    before: dict[str, float] = field(default_factory=dict)  # B_j: loss on j before first training on it
+    baseline: float | None = None  # b: loss of a uniform predictor
 
     def column(self, j: int) -> list[float]:
         return [row[j] for row in self.values if row[j] is not None]  # type: ignore[misc]
@@ -56,13 +59,9 @@ class LossMatrix:
         return float(np.mean(diffs)) if diffs else None
 
     def forward_transfer(self) -> float | None:
-        diffs = []
-        for j, name in enumerate(self.streams):
-            if name in self.trained:
-                t = self.trained.index(name)
-                if t >= 1 and self.values[t - 1][j] is not None and self.values[0][j] is not None:
-                    diffs.append(self.values[0][j] - self.values[t - 1][j])  # type: ignore[operator]
-        return float(np.mean(diffs)) if diffs else None
+        if self.baseline is None or not self.before:
+            return None
+        return float(np.mean([self.baseline - b for b in self.before.values()]))
 
     def format_table(self) -> str:
         width = max([8] + [len(s) for s in self.streams])
@@ -92,11 +91,20 @@ def loss_matrix(chain: list[Any]) -> LossMatrix:
         for s in v.metrics["losses"]:
             if s not in streams:
                 streams.append(s)
+    before: dict[str, float] = {}
+    baseline = None
+    for v in rows:
+        s, b = v.metrics.get("stream"), v.metrics.get("loss_before")
+        if s and isinstance(b, (int, float)) and s not in before:
+            before[s] = float(b)
+            baseline = v.metrics.get("baseline_loss", baseline)
     return LossMatrix(
         versions=[v.id for v in rows],
         streams=streams,
         trained=[v.metrics.get("stream") for v in rows],
         values=[[v.metrics["losses"].get(s) for s in streams] for v in rows],
+        before=before,
+        baseline=baseline,
     )
 
 

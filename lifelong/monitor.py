@@ -59,10 +59,12 @@ class Monitor:
             w.add_text("sample", sample, cycle)
         w.flush()
 
-    def audit(self, version: int, report: dict[str, Any]) -> None:
-        for key, value in report.get("totals", {}).items():
-            if isinstance(value, (int, float)):
-                self.writer.add_scalar(f"audit/{key}", value, version)
+    def audit(self, version: int, report: Any) -> None:
+        """Audit figures (a :class:`lifelong.audit.AuditReport`) at step = version id."""
+        stats = {"total": report.total, **{name: a.total for name, a in report.layers.items()}}
+        for name, st in stats.items():
+            for key in ("recall", "recall_up_to_ties", "exact_match_share", "rank_agreement", "max_score_diff"):
+                self.writer.add_scalar(f"audit/{name}/{key}", float(getattr(st, key)), version)
         self.writer.flush()
 
     def close(self) -> None:

@@ -1,95 +1,144 @@
-"""`lifelong demo`: train a small PEER LM on the standard library's source and sample from it."""
+"""`lifelong demo`: the whole loop on embedded data, no downloads, no configuration.
+
+Creates a store, registers the embedded default streams (standard-library source, Python's
+documentation topics and docstrings, licence texts), trains the base model on the first,
+runs a growth cycle for each further stream (printing the loss-matrix row and forgetting),
+audits retrieval with FAISS, shows a rollback and roll-forward, and prints a summary with
+samples from the first and last version. Re-running in the same directory resumes.
+"""
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import sysconfig
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from expert_store import ExpertStore, NotAStoreError
+
+from ..auditing import audit_version
+from ..checkpoint import best_device, checkout_model, init_store
 from ..config import ModelConfig, PEERConfig, TrainConfig
-from ..model import PEERLM
-from ..train import evaluate_loss, random_batches, train
+from ..cycle import CycleConfig, run_cycle
+from ..evaluate import loss_matrix
+from ..monitor import Monitor
+from ..workspace import defaults_cache_dir, open_registry, tensorboard_dir
+from .common import add_parser, print_table
 
-EOS = 256  # document separator of the byte-level tokenizer
+STREAMS = ("stdlib", "pydoc", "licenses")  # code, technical English, legal English
 
 
-def stdlib_blocks(max_bytes: int, block_len: int, heldout: float = 0.05) -> tuple[np.ndarray, np.ndarray, int]:
-    """Byte-level (n, block_len + 1) train and held-out blocks from the stdlib's .py files.
+def demo_model_config() -> ModelConfig:
+    peer = PEERConfig(d_model=128, heads=4, top_k=8, d_key=64, n_rows=32, n_cols=64)
+    return ModelConfig(d_model=128, n_layers=4, n_heads=4, block_size=128, peer=peer)
 
-    Files are taken in sorted path order; a file is held out by a stable hash of its content.
-    """
-    root = Path(sysconfig.get_paths()["stdlib"])
-    train_ids: list[np.ndarray] = []
-    held_ids: list[np.ndarray] = []
-    total = 0
-    for path in sorted(root.glob("*.py")):
-        data = path.read_bytes()
-        if not data:
-            continue
-        is_held = int.from_bytes(hashlib.sha1(data).digest()[:8], "big") / 2**64 < heldout
-        ids = np.frombuffer(data, dtype=np.uint8).astype(np.int64)
-        (held_ids if is_held else train_ids).append(np.append(ids, EOS))
-        total += len(data)
-        if total >= max_bytes:
-            break
 
-    def pack(parts: list[np.ndarray]) -> np.ndarray:
-        flat = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-        n = (len(flat) - 1) // block_len
-        if n <= 0:
-            return np.zeros((0, block_len + 1), dtype=np.int64)
-        idx = np.arange(n)[:, None] * block_len + np.arange(block_len + 1)[None, :]
-        return flat[idx]
+def _cycle_config(first: bool, quick: bool, seed: int) -> CycleConfig:
+    budget = (40_000 if first else 15_000) if quick else (400_000 if first else 200_000)
+    train = TrainConfig(batch_size=16, lr=2e-3, expert_lr=2e-2, warmup_steps=20, seed=seed)
+    return CycleConfig(
+        policy="full" if first else "freeze-experts",
+        grow_rows=8,
+        token_budget=budget,
+        replay_ratio=0.0 if first else 0.25,
+        eval_tokens=8_192 if quick else 65_536,
+        seed=seed,
+        train=train,
+    )
 
-    return pack(train_ids), pack(held_ids), total
+
+def _sample(store: ExpertStore, version: int, device: torch.device, seed: int) -> str:
+    model, _ = checkout_model(store, version, device=device)
+    prompt = torch.tensor([list(b"def ")], device=device)
+    out = model.generate(prompt, 120, temperature=0.8, top_k=20, generator=torch.Generator(device).manual_seed(seed))
+    return bytes(t for t in out[0].tolist() if t < 256).decode("utf-8", errors="replace")
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    torch.manual_seed(args.seed)
-    steps = args.steps or (40 if args.quick else 300)
-    peer = PEERConfig(d_model=128, heads=4, top_k=8, d_key=64, n_rows=64, n_cols=64)
-    mcfg = ModelConfig(d_model=128, n_layers=3, n_heads=4, block_size=128, peer=peer)
-    tcfg = TrainConfig(steps=steps, batch_size=16, lr=2e-3, expert_lr=2e-2, warmup_steps=min(30, steps // 5), seed=args.seed)
-    train_blocks, held_blocks, nbytes = stdlib_blocks(2_000_000 if args.quick else 8_000_000, mcfg.block_size)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = PEERLM(mcfg).to(device)
-    n_experts = sum(layer.num_experts for layer in model.peer_layers().values())
-    print(
-        f"data: {nbytes / 1e6:.1f} MB of standard-library source -> {len(train_blocks)} train / "
-        f"{len(held_blocks)} held-out blocks of {mcfg.block_size} bytes"
-    )
-    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M dense parameters, {n_experts} PEER experts, device {device}")
-    before = evaluate_loss(model, held_blocks, max_batches=4)
     t0 = time.perf_counter()
-    result = train(model, random_batches(train_blocks, tcfg.batch_size, tcfg.seed), tcfg, progress=not args.no_progress)
-    after = evaluate_loss(model, held_blocks, max_batches=8)
-    print(
-        f"trained {result.steps} steps in {time.perf_counter() - t0:.0f}s ({result.tokens_per_s:.0f} tokens/s): "
-        f"train loss {result.final_loss:.3f}, held-out loss {before:.3f} -> {after:.3f} nats/byte"
+    path = Path(args.store or args.dir)
+    device = torch.device(args.device) if args.device else best_device()
+    progress = not args.no_progress
+    try:
+        store = ExpertStore.open(path)
+        print(f"resuming the demo store at {path}: HEAD -> version {store.head()}, {len(store.versions())} versions")
+    except NotAStoreError:
+        if path.exists() and any(path.iterdir()):
+            raise
+        store, info = init_store(str(path), demo_model_config(), seed=args.seed)
+        print(f"created store {path} (version {info.id}: fresh model, {info.n_experts} experts), device {device}")
+
+    registry = open_registry(store, progress=progress)
+    t = time.perf_counter()
+    from streams import register_defaults
+
+    register_defaults(registry, defaults_cache_dir(store))
+    print(f"embedded streams registered ({time.perf_counter() - t:.0f}s): " + ", ".join(STREAMS))
+    monitor = Monitor(tensorboard_dir(store))
+    try:
+        done = set(store.version("HEAD").cursors)
+        for i, stream in enumerate(STREAMS):
+            if stream in done:
+                print(f"- {stream}: already trained in this store (skipped)")
+                continue
+            what = "base training (policy full)" if i == 0 else "growth cycle (freeze old experts, grow, replay 25%)"
+            print(f"\n== {stream}: {what}")
+            result = run_cycle(
+                store, registry, stream, _cycle_config(i == 0, args.quick, args.seed),
+                device=device, monitor=monitor, progress=progress,
+            )
+            m = result.metrics
+            row = "  ".join(f"{s}={v:.3f}" for s, v in m["losses"].items() if v is not None)
+            forget = "  ".join(f"{s}={v:+.3f}" for s, v in m["forgetting"].items()) or "-"
+            print(f"   version {result.version}: {m['new_tokens']:,} new tokens, {m['steps']} steps, "
+                  f"{m['tokens_per_s']:.0f} tokens/s, {m['experts']:,} experts")
+            print(f"   held-out loss (nats/byte): {row}")
+            print(f"   forgetting (nats, + = worse): {forget}")
+
+        print("\n== audit: FAISS exact top-k vs product-key retrieval on held-out text of every stream")
+        report = audit_version(store, registry, "HEAD", max_queries=256 if args.quick else 2048, progress=progress, monitor=monitor)
+        print(report.format_table(per_head=False))
+
+        head = store.head()
+        chain = list(reversed(store.log("HEAD")))
+        if len(chain) >= 2:
+            print("\n== rollback and roll forward (nothing is deleted)")
+            t = time.perf_counter()
+            store.rollback("HEAD~1", why="demo: rollback")
+            print(f"   rollback: HEAD {head} -> {store.head()} in {(time.perf_counter() - t) * 1e3:.1f} ms")
+            store.rollback(head, why="demo: roll forward")
+            print(f"   roll forward: HEAD -> {store.head()}")
+    finally:
+        monitor.close()
+
+    print("\n== summary")
+    print_table(
+        ["version", "experts", "shards", "message"],
+        [(v.id, f"{v.n_experts:,}", len(v.shards), v.message) for v in chain],
     )
-    prompt = torch.tensor([list(b"def ")], device=device)
-    out = model.generate(prompt, 160, temperature=0.8, top_k=20, generator=torch.Generator(device).manual_seed(args.seed))
-    text = bytes(t for t in out[0].tolist() if t < 256).decode("utf-8", errors="replace")
-    print("sample:\n" + text)
-    return 0
+    print("\nloss matrix (held-out nats/byte; rows: versions, columns: streams)")
+    print(loss_matrix(chain).format_table())
+    print(f"\naudit recall@k: {report.total.recall:.4f} (up to float ties: {report.total.recall_up_to_ties:.4f})")
+    first = next((v.id for v in chain if v.metrics.get("stream")), chain[0].id)
+    print(f"\nsample from version {first} (after base training):\n{_sample(store, first, device, args.seed)}")
+    print(f"\nsample from version {head} (after all cycles):\n{_sample(store, head, device, args.seed)}")
+    print(f"\nTensorBoard logs: tensorboard --logdir {tensorboard_dir(store)}")
+    print(f"explore: lifelong --store {path} versions | eval | show HEAD | diff HEAD~1 HEAD | audit")
+    print(f"demo finished in {time.perf_counter() - t0:.0f}s")
+    return 0 if report.passed() else 1
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    p = add_parser(
+        sub,
         "demo",
-        help="train a small PEER LM on embedded data and print a sample",
-        description="Train a small PEER language model on the standard library's source, "
-        "print the loss before/after and a generated sample. No downloads.",
-        epilog="Example:\n  lifelong demo --quick",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "run the whole loop on embedded data: base training, growth cycles, audit, rollback",
+        "lifelong demo --quick --dir /tmp/demo",
     )
-    p.add_argument("--quick", action="store_true", help="a short run (well under 2 minutes on 2 CPU cores)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default 300, --quick 40)")
+    p.add_argument("--dir", default="lifelong-demo", help="store directory (default ./lifelong-demo; --store wins)")
+    p.add_argument("--quick", action="store_true", help="small token budgets (about 2 minutes on 2 CPU cores)")
+    p.add_argument("--device", help="cpu, cuda, ... (default: GPU if there is one)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run_demo)

@@ -18,6 +18,7 @@ MODULES = [
     "lifelong.cli.streams",
     "lifelong.cli.cycles",
     "lifelong.cli.schedule",
+    "lifelong.cli.audit",
     "lifelong.cli.demo",
 ]
 
