@@ -75,7 +75,7 @@ def audit_version(
             conn.execute(
                 AuditRow.__table__.insert().values(
                     version=info.id, created_at=utcnow(), queries=int(report.total.queries),
-                    recall=float(report.total.recall), report=data,
+                    recall=float(report.min_recall), report=data,
                 )
             )
     if monitor is not None:

@@ -33,7 +33,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from apscheduler.events import EVENT_SCHEDULER_STARTED
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.job import Job
@@ -269,11 +268,11 @@ def add_cycle(store: ExpertStore, stream: str, *, every_s: float | None = None, 
     return _add(store, f"cycle:{stream}", "lifelong.scheduler:cycle_job", _trigger(every_s, cron), kw, name, misfire_grace_s)
 
 
-def add_audit(store: ExpertStore, *, every_s: float | None = None, cron: str | None = None, max_tokens: int = 4096,
+def add_audit(store: ExpertStore, *, every_s: float | None = None, cron: str | None = None, max_queries: int = 2048,
               min_recall: float = 1.0, misfire_grace_s: float | None = MISFIRE_GRACE_S) -> JobInfo:
     """Audit HEAD's retrieval on held-out text once per new HEAD version (checked on a schedule)."""
-    kw = {**_store_ref(store), "max_tokens": int(max_tokens), "min_recall": float(min_recall)}
-    name = f"audit each new HEAD ({max_tokens} held-out tokens, min recall {min_recall:g})"
+    kw = {**_store_ref(store), "max_queries": int(max_queries), "min_recall": float(min_recall)}
+    name = f"audit each new HEAD ({max_queries} query tokens, min recall {min_recall:g})"
     return _add(store, "audit", "lifelong.scheduler:audit_job", _trigger(every_s, cron), kw, name, misfire_grace_s)
 
 
@@ -366,12 +365,10 @@ def cycle_job(store: str, stream: str, settings: dict[str, Any] | None = None, u
         return _cycle(st, stream, settings, f"cycle:{stream}")
 
 
-def audit_job(store: str, url: str | None = None, max_tokens: int = 4096, min_recall: float = 1.0, max_queries: int | None = 4096) -> dict[str, Any]:
+def audit_job(store: str, url: str | None = None, max_queries: int = 2048, min_recall: float = 1.0) -> dict[str, Any]:
     """Audit HEAD's product-key retrieval against FAISS exact search, once per HEAD version."""
-    from streams import pack_blocks
-
-    from .audit import audit_model
-    from .checkpoint import checkout_model
+    from .audit import AuditError
+    from .auditing import audit_version
 
     if _stop.is_set():
         return {"status": "stopping"}
@@ -382,19 +379,11 @@ def audit_job(store: str, url: str | None = None, max_tokens: int = 4096, min_re
             if conn.execute(select(AuditRow.id).where(AuditRow.version == head)).first() is not None:
                 log.info("audit: version %s is already audited", head)
                 return {"status": "already-audited", "version": head}
-        model, info = checkout_model(st, head)
-        reg = _registry(st)
-        streams = list(info.cursors) or [s.name for s in reg.list()]
-        parts = [reg.heldout(s, max_tokens=max_tokens).tokens for s in streams]
-        parts = [p for p in parts if len(p)]
-        if not parts:
-            log.info("audit: no held-out text yet for version %s: skipped", head)
+        try:
+            report = audit_version(st, _registry(st), head, max_queries=max_queries, progress=False)
+        except AuditError as exc:
+            log.info("audit: version %s skipped: %s", head, exc)
             return {"status": "no-heldout", "version": head}
-        blocks = pack_blocks(np.concatenate(parts), model.config.block_size, pad_id=model.config.pad_id, seed=None)
-        report = audit_model(model, blocks.astype(np.int64), max_queries=max_queries, progress=False, extra={"version": head, "streams": streams})
-        with st.engine.begin() as conn:
-            conn.execute(AuditRow.__table__.insert().values(version=head, created_at=utcnow(), queries=report.total.queries,
-                                                            recall=report.min_recall, report=report.to_dict()))
         passed = report.passed(min_recall)
         (log.info if passed else log.error)("audit: version %s recall up to ties %.4f (%s, threshold %g)", head,
                                             report.min_recall, "passed" if passed else "FAILED", min_recall)

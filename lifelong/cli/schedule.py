@@ -39,7 +39,7 @@ def cmd_add(args: argparse.Namespace) -> int:
     elif args.kind == "cycle":
         job = scheduler.add_cycle(store, args.stream, every_s=every, cron=args.cron, settings=_settings(args), misfire_grace_s=grace)
     else:
-        job = scheduler.add_audit(store, every_s=every, cron=args.cron, max_tokens=args.max_tokens, min_recall=args.min_recall, misfire_grace_s=grace)
+        job = scheduler.add_audit(store, every_s=every, cron=args.cron, max_queries=args.queries, min_recall=args.min_recall, misfire_grace_s=grace)
     _print_job(job, args)
     return 0
 
@@ -196,7 +196,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     k = add_parser(kinds, "audit", "audit HEAD's retrieval once per new version, checked on an interval or crontab",
                    "lifelong --store ./store schedule add audit --every 600")
     _when(k)
-    k.add_argument("--max-tokens", type=int, default=4096, metavar="N", help="held-out tokens per stream (default %(default)s)")
+    k.add_argument("--queries", type=int, default=2048, metavar="N", help="query tokens per layer (default %(default)s)")
     k.add_argument("--min-recall", type=float, default=1.0, metavar="R", help="log an error below this recall (default %(default)s)")
     _common(k)
     k.set_defaults(func=cmd_add)

@@ -1,4 +1,4 @@
-"""Fixtures of the expert store tests: a fresh store and small deterministic tensors."""
+"""Fixtures of the expert store tests: a fresh store and the crash harness."""
 
 from __future__ import annotations
 
@@ -6,31 +6,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from expert_store import ExpertStore, NewShard
+from expert_store import ExpertStore
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
-LAYER = "blocks.0.peer"
-
-
-def tensors(seed: int, rows: int = 4, n2: int = 8, d: int = 16) -> dict[str, torch.Tensor]:
-    """Row keys and expert weights of ``rows`` rows: (rows, 4), (rows*n2, d) x2."""
-    gen = torch.Generator().manual_seed(seed)
-    return {
-        "row_keys": torch.randn(rows, 4, generator=gen),
-        "u": torch.randn(rows * n2, d, generator=gen),
-        "v": torch.randn(rows * n2, d, generator=gen),
-    }
-
-
-def new_shard(seed: int, start: int, rows: int = 4, layer: str = LAYER, frozen: bool = False) -> NewShard:
-    return NewShard(layer, start, start + rows, rows * 8, tensors(seed, rows), frozen=frozen)
-
-
-def dense(seed: int) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(10_000 + seed)
-    return {"embed.weight": torch.randn(32, 16, generator=gen), "norm.weight": torch.ones(16)}
 
 
 @pytest.fixture
@@ -47,7 +26,3 @@ def crash_store():
     import crash_store as module
 
     return module
-
-
-def object_files(store: ExpertStore) -> set[str]:
-    return set(store.objects.hashes())

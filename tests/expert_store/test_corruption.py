@@ -8,7 +8,7 @@ import pytest
 
 from expert_store import CorruptObjectError, ExistingShard, ExpertStore, MissingObjectError
 
-from conftest import dense, new_shard
+from store_testlib import dense, new_shard
 
 
 def flip_byte(path: os.PathLike[str], offset: int = -5) -> None:

@@ -22,7 +22,7 @@ from expert_store.schema import Meta, SCHEMA_VERSION
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from conftest import dense, new_shard
+from store_testlib import dense, new_shard
 
 
 def snapshot(path: Path) -> dict[str, str]:

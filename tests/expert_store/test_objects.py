@@ -13,7 +13,7 @@ from safetensors.torch import load, save
 from expert_store import atomic_write
 from expert_store.objects import ObjectStore, serialize_tensors
 
-from conftest import tensors
+from store_testlib import tensors
 
 
 def test_atomic_write_bytes_and_callable(tmp_path: Path) -> None:

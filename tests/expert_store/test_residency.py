@@ -7,7 +7,7 @@ import torch
 
 from expert_store import BudgetExceededError, ExistingShard, ExpertStore, Residency
 
-from conftest import LAYER, dense, new_shard, tensors
+from store_testlib import LAYER, dense, new_shard, tensors
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from expert_store import (
     UnknownVersionError,
 )
 
-from conftest import LAYER, dense, new_shard, object_files, tensors
+from store_testlib import LAYER, dense, new_shard, object_files, tensors
 
 
 def grow(store: ExpertStore, steps: int) -> list[int]:

@@ -1,4 +1,4 @@
-"""Subprocess for test_crash: a minimal "caller" that ingests with a small budget and
+"""Subprocess for test_stream_crash: a minimal "caller" that ingests with a small budget and
 commits (trained docs + new cursor) in ONE transaction, like a version commit."""
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from conftest import docs_of, write_jsonl
+from stream_testlib import docs_of, write_jsonl
 from streams import (BinaryFileError, BlankFileError, EmptyFileError, EncodingError,
                      MalformedJSONError, MissingFieldError, UnreadableFileError,
                      VanishedFileError)

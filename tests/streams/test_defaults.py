@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from conftest import docs_of
+from stream_testlib import docs_of
 from streams import default_sources, register_defaults
 from streams.defaults import materialise_licenses
 

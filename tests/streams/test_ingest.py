@@ -1,14 +1,13 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import docs_of, write_jsonl
+from stream_testlib import docs_of, write_jsonl
 from streams import ChangedFileError, SourceNotFoundError, SourceUnavailableError, is_heldout
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, text
 
-from conftest import write_jsonl
+from stream_testlib import write_jsonl
 from streams import StreamRegistry, is_heldout
 
 WORKER = Path(__file__).with_name("crash_worker.py")
