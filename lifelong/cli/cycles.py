@@ -227,31 +227,37 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = add_parser(sub, "cycle", "run one growth cycle on a stream: ingest, grow, train, evaluate, commit",
-                   "lifelong --store ./store cycle --stream news --policy freeze-experts --grow-rows 8")
-    p.add_argument("--stream", required=True, help="registered stream to learn from")
-    p.add_argument("--policy", choices=POLICIES,
-                   help="full: fine-tune all; freeze-experts: grow, old experts/keys frozen (default); "
-                        "freeze-all: grow, only new rows train")
-    p.add_argument("--grow-rows", type=_positive_int, metavar="N", help="rows added to each PEER layer (default: 8)")
-    p.add_argument("--budget", type=_positive_int, metavar="TOKENS", help="new tokens taken from the stream (default: 1000000)")
-    p.add_argument("--epochs", type=float, help="passes over the new data (default: 1)")
-    p.add_argument("--replay", type=float, metavar="RATIO", help="share of each batch replayed from earlier streams")
-    p.add_argument("--distill", type=float, metavar="WEIGHT", help="KL-to-previous-version weight on replayed rows")
-    p.add_argument("--max-forgetting", type=float, metavar="NATS",
-                   help="guard: above it the version is kept as candidate/<cycle> and HEAD does not move")
-    p.add_argument("--eval-tokens", type=_positive_int, metavar="TOKENS", help="held-out tokens per stream (default: 32768)")
-    p.add_argument("--batch-size", type=_positive_int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--expert-lr", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: GPU if there is one)")
-    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
-                   help="wait this long for another running cycle's lease (default: refuse at once)")
-    p.add_argument("--config", metavar="FILE", help="JSON of CycleConfig fields (nested 'train'); flags override it")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_cycle)
+    verbs = (
+        ("cycle", "run one growth cycle on a stream: ingest, grow, train, evaluate, commit",
+         "lifelong --store ./store cycle --stream news --policy freeze-experts --grow-rows 8", None),
+        ("train", "fine-tune the whole model on a stream's new data and commit (a cycle with policy full: no growth)",
+         "lifelong --store ./store train --stream stdlib --budget 200000", "full"),
+    )
+    for name, help_text, example, policy in verbs:
+        p = add_parser(sub, name, help_text, example)
+        p.add_argument("--stream", required=True, help="registered stream to learn from")
+        p.add_argument("--policy", choices=POLICIES, default=policy,
+                       help="full: fine-tune all; freeze-experts: grow, old experts/keys frozen (default); "
+                            "freeze-all: grow, only new rows train")
+        p.add_argument("--grow-rows", type=_positive_int, metavar="N", help="rows added to each PEER layer (default: 8)")
+        p.add_argument("--budget", type=_positive_int, metavar="TOKENS", help="new tokens taken from the stream (default: 1000000)")
+        p.add_argument("--epochs", type=float, help="passes over the new data (default: 1)")
+        p.add_argument("--replay", type=float, metavar="RATIO", help="share of each batch replayed from earlier streams")
+        p.add_argument("--distill", type=float, metavar="WEIGHT", help="KL-to-previous-version weight on replayed rows")
+        p.add_argument("--max-forgetting", type=float, metavar="NATS",
+                       help="guard: above it the version is kept as candidate/<cycle> and HEAD does not move")
+        p.add_argument("--eval-tokens", type=_positive_int, metavar="TOKENS", help="held-out tokens per stream (default: 32768)")
+        p.add_argument("--batch-size", type=_positive_int)
+        p.add_argument("--lr", type=float)
+        p.add_argument("--expert-lr", type=float)
+        p.add_argument("--seed", type=int)
+        p.add_argument("--device", help="cpu, cuda, cuda:1 (default: GPU if there is one)")
+        p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                       help="wait this long for another running cycle's lease (default: refuse at once)")
+        p.add_argument("--config", metavar="FILE", help="JSON of CycleConfig fields (nested 'train'); flags override it")
+        p.add_argument("--json", action="store_true")
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+        p.set_defaults(func=cmd_cycle)
 
     p = add_parser(sub, "eval", "the loss matrix along HEAD's history, forgetting, transfer and expert usage",
                    "lifelong --store ./store eval --json")

@@ -19,6 +19,7 @@ MODULES = [
     "lifelong.cli.cycles",
     "lifelong.cli.schedule",
     "lifelong.cli.audit",
+    "lifelong.cli.generate",
     "lifelong.cli.demo",
 ]
 
