@@ -25,7 +25,6 @@ import time
 from collections.abc import Callable
 
 import faiss
-import numpy as np
 import torch
 
 from lifelong import PEERConfig, PEERLayer
