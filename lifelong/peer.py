@@ -293,12 +293,12 @@ class PEERLayer(nn.Module):
     # ----------------------------------------------------------------------------- init
     def _init_keys(self, rows: int, device, dtype) -> Tensor:
         half = self.config.d_key // 2
-        return torch.randn(rows, half, device=device, dtype=dtype) / math.sqrt(half)
+        return torch.randn(rows, half, device=device, dtype=dtype).div_(math.sqrt(half))
 
     def _init_experts(self, n: int, device, dtype) -> tuple[Tensor, Tensor]:
         c = self.config
-        u = torch.randn(n, c.d_model, device=device, dtype=dtype) / math.sqrt(c.d_model)
-        v = torch.randn(n, c.d_model, device=device, dtype=dtype) / math.sqrt(c.heads * c.top_k)
+        u = torch.randn(n, c.d_model, device=device, dtype=dtype).div_(math.sqrt(c.d_model))  # in place: one copy
+        v = torch.randn(n, c.d_model, device=device, dtype=dtype).div_(math.sqrt(c.heads * c.top_k))
         return u, v
 
     # ------------------------------------------------------------------------ geometry

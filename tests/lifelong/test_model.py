@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from lifelong import ConfigError, ModelConfig, PEERConfig, PEERLM, TrainConfig, evaluate_loss, random_batches, train
-from lifelong.cli.main import main as cli_main
 
 
 def tiny_config(**kw) -> ModelConfig:
@@ -97,9 +96,3 @@ def test_too_long_sequence_is_a_clear_error():
     model = PEERLM(tiny_config())
     with pytest.raises(ConfigError, match="block_size"):
         model(torch.zeros(1, 33, dtype=torch.long))
-
-
-def test_demo_cli_runs(capsys):
-    assert cli_main(["demo", "--quick", "--steps", "3", "--no-progress"]) == 0
-    out = capsys.readouterr().out
-    assert "held-out loss" in out and "sample:" in out
