@@ -1,0 +1,437 @@
+"""Benchmark: does a growing PEER model actually remember?
+
+The three embedded streams in sequence (stdlib -> pydoc -> licenses), the same token
+budgets and training settings for every arm:
+
+    dense           dense model (no PEER, FFN everywhere), full fine-tune on each stream
+    dense-replay    control: the dense fine-tune with 25% replay (does replay alone do it?)
+    full            PEER model, full fine-tune (no growth)
+    freeze-experts  PEER, grow + freeze old experts and keys (dense parts train)
+    freeze-all      PEER, grow + freeze everything old (only the new rows train)
+    replay          the better of freeze-experts / freeze-all (lower final mean held-out
+                    loss), with 25% replay from earlier streams
+    replay-distill  the same, plus distillation to the previous version (weight 1.0)
+
+Every PEER arm starts from a copy of ONE base store trained once on stdlib (policy full),
+the dense arms from a copy of one dense base store: the base cycle is the same for all.
+The models match in active compute per token: every block's FFN is a PEER layer with
+heads x top_k = 8 x 16 = 128 active expert neurons, or a dense FFN with 128 hidden units.
+
+Per arm: the loss matrix (held-out nats/byte), forgetting, final mean held-out loss and the
+new-stream loss after each growth cycle (plasticity); then a summary across arms and the
+two targets for the best growth arm against the dense fine-tune:
+(a) mean forgetting <= 25% of the dense fine-tune's, (b) new-stream loss within 5%.
+
+    python scripts/bench_continual.py                 # full run (about 25 minutes on 2 CPU cores)
+    python scripts/bench_continual.py --quick         # tiny budgets, a few minutes
+    python scripts/bench_continual.py --smoke         # tiny model too, seconds (the test)
+    python scripts/bench_continual.py --json          # one JSON object per arm + a summary
+    python scripts/bench_continual.py --arms dense,freeze-all --budget 100000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from expert_store import ExpertStore
+from lifelong.checkpoint import init_store
+from lifelong.config import ModelConfig, PEERConfig, TrainConfig
+from lifelong.cycle import CycleConfig, run_cycle
+from lifelong.evaluate import loss_matrix
+from lifelong.model import PEERLM
+from lifelong.workspace import open_registry
+from streams import register_defaults
+
+STREAMS = ("stdlib", "pydoc", "licenses")  # code, technical English, legal English
+GROWTH_POLICIES = ("freeze-experts", "freeze-all")
+FORGET_TARGET = 0.25  # (a) growth forgetting <= 25% of the dense fine-tune's
+PLASTICITY_TARGET = 0.05  # (b) growth new-stream loss within 5% of the dense fine-tune's
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    model: str  # "dense" | "peer"
+    policy: str | None  # None: the better growth policy, resolved at run time
+    replay_ratio: float = 0.0
+    distill_weight: float = 0.0
+    about: str = ""
+
+
+ARMS = {
+    a.name: a
+    for a in (
+        Arm("dense", "dense", "full", about="dense model, full fine-tune on each stream"),
+        Arm("dense-replay", "dense", "full", 0.25, about="control: dense full fine-tune + 25% replay"),
+        Arm("full", "peer", "full", about="PEER, full fine-tune (no growth)"),
+        Arm("freeze-experts", "peer", "freeze-experts", about="PEER, grow + freeze old experts and keys"),
+        Arm("freeze-all", "peer", "freeze-all", about="PEER, grow + freeze everything old"),
+        Arm("replay", "peer", None, 0.25, about="best growth policy + 25% replay"),
+        Arm("replay-distill", "peer", None, 0.25, 1.0, about="best growth policy + 25% replay + distillation"),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Model shape and budgets of one mode."""
+
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    block_size: int = 128
+    peer_heads: int = 8
+    top_k: int = 16
+    d_key: int = 64
+    n_rows: int = 32
+    n_cols: int = 64
+    grow_rows: int = 8
+    base_budget: int = 400_000  # tokens of stdlib for the base cycle
+    budget: int = 200_000  # tokens per growth cycle (pydoc, licenses)
+    eval_tokens: int = 100_000  # held-out tokens per stream (a stable prefix of whole documents)
+    # Tokens read per stream up front to fill the held-out sets (None: the whole stream).
+    # stdlib: its first four held-out files (99,678 tokens) lie in the first 2M tokens;
+    # licenses: the whole stream (~1M tokens) holds ~22k held-out tokens.
+    heldout_scan: tuple[tuple[str, int | None], ...] = (("stdlib", 2_000_000), ("pydoc", 2_200_000), ("licenses", None))
+    batch_size: int = 16
+    lr: float = 2e-3
+    expert_lr: float = 2e-2
+    warmup_steps: int = 20
+    epochs: float = 1.0
+
+
+MODES = {
+    "full": Sizes(),
+    "quick": Sizes(base_budget=40_000, budget=20_000, eval_tokens=8_192,
+                   heldout_scan=(("stdlib", 2_000_000), ("pydoc", 400_000), ("licenses", 200_000))),
+    "smoke": Sizes(d_model=32, n_layers=2, n_heads=2, block_size=64, peer_heads=4, top_k=8, d_key=16,
+                   n_rows=8, n_cols=8, grow_rows=2, base_budget=6_000, budget=3_000, eval_tokens=3_000,
+                   heldout_scan=(("stdlib", 400_000), ("pydoc", 100_000), ("licenses", 150_000)), batch_size=8,
+                   warmup_steps=2),
+}
+
+
+def model_configs(s: Sizes) -> dict[str, ModelConfig]:
+    """Dense and PEER models of equal active compute: the dense FFN's hidden width equals
+    the PEER layer's heads x top_k active expert neurons."""
+    active = s.peer_heads * s.top_k
+    if active % s.d_model:
+        raise SystemExit(f"heads x top_k = {active} must be a multiple of d_model = {s.d_model}")
+    peer = PEERConfig(d_model=s.d_model, heads=s.peer_heads, top_k=s.top_k, d_key=s.d_key, n_rows=s.n_rows, n_cols=s.n_cols)
+    common = dict(d_model=s.d_model, n_layers=s.n_layers, n_heads=s.n_heads, block_size=s.block_size, peer=peer)
+    return {
+        "dense": ModelConfig(ffn_mult=active // s.d_model, peer_layers=[], **common),
+        "peer": ModelConfig(ffn_mult=active // s.d_model, peer_layers=list(range(s.n_layers)), **common),
+    }
+
+
+def model_size(mc: ModelConfig) -> dict[str, int]:
+    """Total parameters (expert tables included) and active FFN neurons per token per block."""
+    with torch.device("meta"):
+        m = PEERLM(mc)
+    total = sum(p.numel() for p in m.parameters()) + sum(b.numel() for n, b in m.named_buffers() if "expert_" in n)
+    experts = sum(layer.num_experts for layer in m.peer_layers().values())
+    active = mc.peer.heads * mc.peer.top_k if mc.peer_layers else mc.ffn_mult * mc.d_model
+    return {"params": int(total), "experts": int(experts), "active_ffn_neurons": int(active)}
+
+
+def cycle_config(s: Sizes, policy: str, budget: int, seed: int, replay: float = 0.0, distill: float = 0.0) -> CycleConfig:
+    train = TrainConfig(batch_size=s.batch_size, lr=s.lr, expert_lr=s.expert_lr, warmup_steps=s.warmup_steps, seed=seed)
+    return CycleConfig(policy=policy, grow_rows=s.grow_rows, token_budget=budget, epochs=s.epochs, replay_ratio=replay,
+                       distill_weight=distill, eval_tokens=s.eval_tokens, seed=seed, train=train)
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def cycle_record(result: Any) -> dict[str, Any]:
+    m = result.metrics
+    return {
+        "stream": m["stream"],
+        "policy": m["policy"],
+        "version": result.version,
+        "seconds": round(result.seconds, 1),
+        "steps": m["steps"],
+        "new_tokens": m["new_tokens"],
+        "tokens_per_s": round(m["tokens_per_s"], 1),
+        "loss_before": m["loss_before"],
+        "loss_new": m["losses"].get(m["stream"]),
+        "losses": m["losses"],
+        "forgetting": m["forgetting"],
+        "mean_forgetting": m["mean_forgetting"],
+        "experts": m["experts"],
+        "grown_rows": m.get("grown_rows", 0),
+    }
+
+
+def build_base(root: Path, kind: str, mc: ModelConfig, s: Sizes, cache: Path, args: argparse.Namespace) -> tuple[Path, dict]:
+    """One store per model kind: held-out sets filled, one base cycle on stdlib (policy full)."""
+    path = root / f"base-{kind}"
+    t0 = time.perf_counter()
+    store, _ = init_store(str(path), mc, seed=args.seed)
+    try:
+        registry = open_registry(store, progress=False)
+        register_defaults(registry, cache)
+        # Held-out documents are collected by ingest as it reads (a stable hash split). Read a
+        # prefix of every stream once, up front, so that every stream's held-out set is the
+        # same, and large enough, in every arm and at every cycle. No cursor moves.
+        heldout = {}
+        for name, scan in s.heldout_scan:
+            registry.ingest(name, None, scan)
+            held = registry.heldout(name, max_tokens=s.eval_tokens)
+            heldout[name] = {"docs": held.docs, "tokens": int(held.tokens.shape[0])}
+        say(f"[base-{kind}] held-out sets (docs/tokens): " + ", ".join(f"{k} {v['docs']}/{v['tokens']}" for k, v in heldout.items()))
+        result = run_cycle(store, registry, STREAMS[0], cycle_config(s, "full", s.base_budget, args.seed),
+                           device=args.device, progress=args.progress, log=lambda m: None)
+        rec = cycle_record(result)
+        say(f"[base-{kind}] {STREAMS[0]}: {rec['new_tokens']:,} tokens, {rec['steps']} steps, {rec['seconds']:.0f}s "
+            f"({rec['tokens_per_s']:.0f} tokens/s), held-out loss {_f(rec['loss_new'])}")
+    finally:
+        store.close()
+    return path, {"seconds": round(time.perf_counter() - t0, 1), "cycle": rec, "heldout": heldout}
+
+
+def run_arm(arm: Arm, policy: str, base: Path, root: Path, s: Sizes, args: argparse.Namespace) -> dict[str, Any]:
+    path = root / arm.name
+    shutil.copytree(base, path)  # the base version, its stream registrations and held-out sets
+    t0 = time.perf_counter()
+    cycles = []
+    store = ExpertStore.open(path)
+    try:
+        registry = open_registry(store, progress=False)
+        for name in STREAMS[1:]:
+            cfg = cycle_config(s, policy, s.budget, args.seed, arm.replay_ratio, arm.distill_weight)
+            result = run_cycle(store, registry, name, cfg, device=args.device, progress=args.progress, log=lambda m: None)
+            rec = cycle_record(result)
+            cycles.append(rec)
+            say(f"[{arm.name}] {name}: {rec['steps']} steps, {rec['seconds']:.0f}s ({rec['tokens_per_s']:.0f} tokens/s), "
+                f"new-stream loss {_f(rec['loss_new'])}, forgetting "
+                + ", ".join(f"{k} {v:+.3f}" for k, v in rec["forgetting"].items()))
+        chain = list(reversed(store.log("HEAD")))
+        matrix = loss_matrix(chain)
+        last = chain[-1].metrics
+    finally:
+        store.close()
+    if not args.keep:
+        shutil.rmtree(path, ignore_errors=True)
+    plasticity = [c["loss_new"] for c in cycles if c["loss_new"] is not None]
+    return {
+        "arm": arm.name,
+        "about": arm.about,
+        "model": arm.model,
+        "policy": policy,
+        "replay_ratio": arm.replay_ratio,
+        "distill_weight": arm.distill_weight,
+        "loss_matrix": matrix.to_dict(),
+        "table": matrix.format_table(),
+        "forgetting": last["forgetting"],
+        "mean_forgetting": last["mean_forgetting"],
+        "final_mean_loss": last["mean_heldout_loss"],
+        "new_stream_loss": {c["stream"]: c["loss_new"] for c in cycles},
+        "mean_new_stream_loss": sum(plasticity) / len(plasticity) if plasticity else None,
+        "backward_transfer": last.get("backward_transfer"),
+        "forward_transfer": last.get("forward_transfer"),
+        "experts": last.get("experts", 0),
+        "cycles": cycles,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def better_growth_policy(results: dict[str, dict[str, Any]], forced: str | None) -> str:
+    """The growth policy the replay arms build on: forced, else the lower final mean loss."""
+    if forced:
+        return forced
+    ran = [results[p] for p in GROWTH_POLICIES if p in results]
+    if not ran:
+        return "freeze-experts"
+    return min(ran, key=lambda r: r["final_mean_loss"])["policy"]
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0 or not (math.isfinite(a) and math.isfinite(b)):
+        return None
+    return a / b
+
+
+def summarise(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Ratios to the dense fine-tune, the best growth arm and the two target checks."""
+    dense = results.get("dense")
+    for r in results.values():
+        # a ratio to a dense forgetting <= 0 (nothing forgotten) means nothing: left out
+        r["forgetting_vs_dense"] = _ratio(r["mean_forgetting"], dense["mean_forgetting"]) if dense and dense["mean_forgetting"] > 0 else None
+        r["new_loss_vs_dense"] = _ratio(r["mean_new_stream_loss"], dense["mean_new_stream_loss"]) if dense else None
+    growth = [r for r in results.values() if r["model"] == "peer" and r["policy"] in GROWTH_POLICIES]
+    summary: dict[str, Any] = {"arms": list(results), "best_growth_arm": None, "targets": None}
+    if not growth:
+        return summary
+    best = min(growth, key=lambda r: r["final_mean_loss"])
+    summary["best_growth_arm"] = best["arm"]
+    if dense is None:
+        return summary
+    fd, fb = dense["mean_forgetting"], best["mean_forgetting"]
+    pd, pb = dense["mean_new_stream_loss"], best["mean_new_stream_loss"]
+    a_ok = fd > 0 and fb <= FORGET_TARGET * fd
+    b_ok = pd is not None and pb is not None and pb <= (1 + PLASTICITY_TARGET) * pd
+    summary["targets"] = {
+        "a_forgetting": {
+            "target": f"mean forgetting <= {FORGET_TARGET:.0%} of dense",
+            "dense": fd, "best": fb, "moot": fd <= 0,  # the dense fine-tune forgot nothing
+            "ratio": _ratio(fb, fd) if fd > 0 else None, "limit": FORGET_TARGET * fd if fd > 0 else None,
+            "met": bool(a_ok), "miss_nats": None if a_ok or fd <= 0 else fb - FORGET_TARGET * fd,
+        },
+        "b_plasticity": {
+            "target": f"mean new-stream loss within {PLASTICITY_TARGET:.0%} of dense",
+            "dense": pd, "best": pb, "ratio": _ratio(pb, pd), "limit": None if pd is None else (1 + PLASTICITY_TARGET) * pd,
+            "met": bool(b_ok), "miss_nats": None if b_ok or pd is None or pb is None else pb - (1 + PLASTICITY_TARGET) * pd,
+        },
+    }
+    summary["arms_meeting_both"] = [
+        r["arm"] for r in growth
+        if fd > 0 and r["mean_forgetting"] <= FORGET_TARGET * fd and r["mean_new_stream_loss"] is not None
+        and pd is not None and r["mean_new_stream_loss"] <= (1 + PLASTICITY_TARGET) * pd
+    ]
+    return summary
+
+
+def _f(x: float | None, fmt: str = "{:.3f}") -> str:
+    return "-" if x is None else fmt.format(x)
+
+
+def print_arm(r: dict[str, Any], out: Any) -> None:
+    print(f"\n== {r['arm']}: {r['about']} (policy {r['policy']}, replay {r['replay_ratio']}, distill {r['distill_weight']})", file=out)
+    print("loss matrix (held-out nats/byte; rows: versions after each cycle, columns: streams)", file=out)
+    print(r["table"], file=out)
+    forget = ", ".join(f"{k} {v:+.3f}" for k, v in r["forgetting"].items()) or "-"
+    print(f"forgetting (nats, + = worse than its best): {forget}; mean {r['mean_forgetting']:+.3f}", file=out)
+    print("new-stream loss after each growth cycle (plasticity): "
+          + ", ".join(f"{k} {_f(v)}" for k, v in r["new_stream_loss"].items()) + f"; mean {_f(r['mean_new_stream_loss'])}", file=out)
+    print(f"final mean held-out loss: {r['final_mean_loss']:.3f}; experts {r['experts']:,}; {r['seconds']:.0f}s", file=out)
+
+
+def print_summary(results: dict[str, dict[str, Any]], summary: dict[str, Any], out: Any) -> None:
+    streams = STREAMS[:-1]
+    head = ["arm", "policy", "replay", "distill"] + [f"fgt {s}" for s in streams] + [
+        "mean fgt", "fgt/dense"] + [f"new {s}" for s in STREAMS[1:]] + ["mean new", "new/dense", "final mean", "experts", "time s"]
+    rows = []
+    for r in results.values():
+        rows.append([r["arm"], r["policy"], f"{r['replay_ratio']:g}", f"{r['distill_weight']:g}"]
+                    + [_f(r["forgetting"].get(s), "{:+.3f}") for s in streams]
+                    + [_f(r["mean_forgetting"], "{:+.3f}"), _f(r["forgetting_vs_dense"], "{:.2f}")]
+                    + [_f(r["new_stream_loss"].get(s)) for s in STREAMS[1:]]
+                    + [_f(r["mean_new_stream_loss"]), _f(r["new_loss_vs_dense"], "{:.3f}"), _f(r["final_mean_loss"]),
+                       f"{r['experts']:,}", f"{r['seconds']:.0f}"])
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    print("\n== summary (held-out nats/byte; fgt = forgetting after the last cycle, new = new-stream loss after its cycle)", file=out)
+    print("  ".join(h.rjust(w) for h, w in zip(head, widths)), file=out)
+    for row in rows:
+        print("  ".join(str(x).rjust(w) for x, w in zip(row, widths)), file=out)
+    best, targets = summary.get("best_growth_arm"), summary.get("targets")
+    if best is None or targets is None:
+        print("\ntargets: not checked (needs the dense arm and a growth arm)", file=out)
+        return
+    a, b = targets["a_forgetting"], targets["b_plasticity"]
+    print(f"\nbest growth arm (lowest final mean held-out loss): {best}", file=out)
+    if a["dense"] <= 0:
+        print(f"(a) forgetting: dense forgets {a['dense']:+.3f} nats (nothing to forget): the target is moot -> NOT MET", file=out)
+    else:
+        verdict = "MET" if a["met"] else f"MISSED by {a['miss_nats']:.3f} nats"
+        print(f"(a) forgetting <= 25% of dense: {best} {a['best']:+.3f} vs dense {a['dense']:+.3f} nats "
+              f"= {a['ratio']:.0%} (limit {a['limit']:.3f}) -> {verdict}", file=out)
+    if b["ratio"] is not None:
+        verdict = "MET" if b["met"] else f"MISSED by {b['miss_nats']:.3f} nats ({b['ratio'] - 1 - PLASTICITY_TARGET:+.1%} past the limit)"
+        print(f"(b) new-stream loss within 5% of dense: {best} {b['best']:.3f} vs dense {b['dense']:.3f} "
+              f"= {b['ratio'] - 1:+.1%} -> {verdict}", file=out)
+    both = summary.get("arms_meeting_both") or []
+    print(f"growth arms meeting both targets: {', '.join(both) if both else 'none'}", file=out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="tiny budgets (a few minutes)")
+    mode.add_argument("--smoke", action="store_true", help="tiny model and budgets (seconds; the test)")
+    p.add_argument("--json", action="store_true", help="one JSON object per arm and a summary on stdout (tables go to stderr)")
+    p.add_argument("--budget", type=int, help="tokens per growth cycle (default: by mode; 200000 for the full run)")
+    p.add_argument("--base-budget", type=int, help="tokens of the base cycle on stdlib (default: by mode; 400000 for the full run)")
+    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, from: {', '.join(ARMS)} (default: all)")
+    p.add_argument("--replay-policy", choices=GROWTH_POLICIES, help="growth policy of the replay arms (default: the better one)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--work-dir", help="where the stores go (default: a temporary directory, removed at the end)")
+    p.add_argument("--cache-dir", help="materialised default streams, shared by all stores (default: in the work dir)")
+    p.add_argument("--keep", action="store_true", help="keep the stores")
+    p.add_argument("--progress", action="store_true", help="training progress bars")
+    args = p.parse_args(argv)
+
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown or not arms:
+        p.error(f"unknown arm(s): {', '.join(unknown) or '(none given)'}; choose from {', '.join(ARMS)}")
+    arms = [a for a in ARMS if a in arms]  # fixed order: the replay arms need the growth arms first
+    s = MODES["smoke" if args.smoke else "quick" if args.quick else "full"]
+    s = replace(s, budget=args.budget or s.budget, base_budget=args.base_budget or s.base_budget)
+    torch.set_num_threads(args.threads)
+    out = sys.stderr if args.json else sys.stdout
+
+    t0 = time.perf_counter()
+    root = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_continual_"))
+    root.mkdir(parents=True, exist_ok=True)
+    cache = Path(args.cache_dir) if args.cache_dir else root / "cache"
+    configs = model_configs(s)
+    sizes = {k: model_size(v) for k, v in configs.items()}
+    machine = f"{platform.machine()} {platform.processor() or ''}".strip() + f", {os.cpu_count()} CPUs, torch {torch.__version__}, {args.threads} threads"
+    say(f"mode {'smoke' if args.smoke else 'quick' if args.quick else 'full'}: base {s.base_budget:,} tokens on {STREAMS[0]}, "
+        f"{s.budget:,} tokens per growth cycle; arms {', '.join(arms)}; work dir {root}; {machine}")
+    for k, v in sizes.items():
+        say(f"model {k}: {v['params']:,} parameters, {v['experts']:,} experts, {v['active_ffn_neurons']} active FFN neurons per token per block")
+    try:
+        bases: dict[str, tuple[Path, dict]] = {}
+        for kind in ("dense", "peer"):
+            if any(ARMS[a].model == kind for a in arms):
+                bases[kind] = build_base(root, kind, configs[kind], s, cache, args)
+        results: dict[str, dict[str, Any]] = {}
+        for name in arms:
+            arm = ARMS[name]
+            policy = arm.policy or better_growth_policy(results, args.replay_policy)
+            results[name] = run_arm(arm, policy, bases[arm.model][0], root, s, args)
+            print_arm(results[name], out)
+            out.flush()
+        summary = summarise(results)
+        print_summary(results, summary, out)
+        total = time.perf_counter() - t0
+        print(f"\ntotal {total:.0f}s; {machine}", file=out)
+        if args.json:
+            for r in results.values():
+                print(json.dumps({k: v for k, v in r.items() if k != "table"}))
+            print(json.dumps({
+                "summary": summary,
+                "mode": "smoke" if args.smoke else "quick" if args.quick else "full",
+                "sizes": asdict(s),
+                "models": {k: {"config": asdict(configs[k]), **sizes[k]} for k in configs},
+                "bases": {k: v[1] for k, v in bases.items()},
+                "seconds": round(total, 1),
+                "machine": machine,
+            }))
+    finally:
+        if not args.keep and not args.work_dir:
+            shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
