@@ -60,8 +60,8 @@ class _SubKeyScores(torch.autograd.Function):
         dkeys = None
         if ctx.needs_input_grad[1]:
             dkeys = torch.zeros_like(keys)
-            rows, grads = _row_gradients(idx, ds, q, 0)  # (R,), (R, dh)
-            dkeys[rows] = grads
+            groups = _group_rows(idx, 0)
+            dkeys[groups[0]] = _row_sums(groups, ds, q)  # (R, dh): only selected keys
         return dq, dkeys, None, None
 
 
@@ -145,32 +145,35 @@ def _gathered_dot(table: Tensor, ids: Tensor, x: Tensor) -> Tensor:
     return _gathered_dot_eager(table, ids, x)
 
 
-def _row_gradients(ids: Tensor, coef: Tensor, x: Tensor, start: int) -> tuple[Tensor, Tensor] | None:
-    """Per touched trainable row r >= start: sum over (t, s) with ids[t, s] == r of coef[t, s] * x[t].
+def _group_rows(ids: Tensor, start: int) -> tuple[Tensor, Tensor, Tensor] | None:
+    """Group the (T, S) slots by expert id, keeping ids >= start.
 
-    ids, coef: (T, S); x: (T, d). Returns (rows (R,), grads (R, d)) or None if nothing trainable
-    was touched. One fused gather-sum (embedding_bag over x), no (T * S, d) intermediate.
+    Returns (rows (R,), offsets (R,), src (M,)): the unique ids, where each one's run starts in
+    ``src``, and ``src`` = flat slot positions sorted by id. None if no id is >= start.
     """
-    T, S = ids.shape
     flat = ids.reshape(-1)  # (T*S,)
-    mask = flat >= start
+    sel = None
     if start > 0:
-        sel = mask.nonzero().squeeze(1)  # (M,)
+        sel = (flat >= start).nonzero().squeeze(1)  # (M,)
         if sel.numel() == 0:
             return None
         flat = flat[sel]
-    else:
-        sel = None
     sorted_ids, perm = torch.sort(flat)  # (M,)
     rows, counts = torch.unique_consecutive(sorted_ids, return_counts=True)  # (R,)
     offsets = torch.zeros_like(counts)
     offsets[1:] = counts.cumsum(0)[:-1]
     src = perm if sel is None else sel[perm]  # positions in the flat (T*S,) view
-    tokens = torch.div(src, S, rounding_mode="floor")  # (M,)
-    grads = F.embedding_bag(
-        tokens, x, offsets, mode="sum", per_sample_weights=coef.reshape(-1)[src]
-    )  # (R, d)
-    return rows, grads
+    return rows, offsets, src
+
+
+def _row_sums(groups: tuple[Tensor, Tensor, Tensor], coef: Tensor, x: Tensor) -> Tensor:
+    """For each grouped id r: sum over its slots (t, s) of coef[t, s] * x[t] -> (R, d).
+
+    coef: (T, S); x: (T, d). One fused gather-sum (embedding_bag over x): no (T*S, d) tensor.
+    """
+    _, offsets, src = groups
+    tokens = torch.div(src, coef.shape[1], rounding_mode="floor")  # (M,)
+    return F.embedding_bag(tokens, x, offsets, mode="sum", per_sample_weights=coef.reshape(-1)[src])
 
 
 class ExpertGrads:
@@ -178,7 +181,6 @@ class ExpertGrads:
 
     def __init__(self) -> None:
         self.start = 0  # first trainable expert id
-        self.enabled = True
         self.entries: list[tuple[Tensor, Tensor, Tensor]] = []  # (rows, grad_u, grad_v)
 
     def add(self, rows: Tensor, grad_u: Tensor, grad_v: Tensor) -> None:
@@ -242,11 +244,10 @@ class ExpertMix(torch.autograd.Function):
         da = b * g * _act_grad(a, ctx.activation)  # (T, S)
         dx = F.embedding_bag(ids, u, mode="sum", per_sample_weights=da)  # (T, d) fused gather-sum
         sink: ExpertGrads | None = ctx.sink
-        if sink is not None and sink.enabled:
-            gu = _row_gradients(ids, da, x, sink.start)  # rows, (R, d)
-            if gu is not None:
-                _, gv = _row_gradients(ids, g * z, dy, sink.start)  # same rows, (R, d)
-                sink.add(gu[0], gu[1], gv)
+        if sink is not None:
+            groups = _group_rows(ids, sink.start)  # touched trainable rows, once for u and v
+            if groups is not None:
+                sink.add(groups[0], _row_sums(groups, da, x), _row_sums(groups, g * z, dy))  # (R,), (R, d) x2
         return dx, dg, None, None, None, None, None, None
 
 

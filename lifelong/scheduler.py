@@ -51,6 +51,7 @@ from .config import TrainConfig
 from .cycle import CycleConfig, CycleInterrupted, NothingPendingError, run_cycle
 from .errors import ConfigError, LifelongError
 from .records import AuditRow, CycleRow, Lease, LeaseHeldError, LeaseRow, create_tables, holder_name, utcnow
+from .workspace import open_registry, tensorboard_dir
 
 __all__ = [
     "JOB_TABLE", "KINDS", "MISFIRE_GRACE_S", "JobInfo", "JobNotFoundError",
@@ -243,7 +244,7 @@ def _add(store: ExpertStore, job_id: str, func: str, trigger: Any, kwargs: dict[
 
 
 def _check_stream(store: ExpertStore, stream: str, settings: Mapping[str, Any] | None) -> dict[str, Any]:
-    _registry(store).get(stream)  # unknown stream: clear error now, not at 3 am
+    open_registry(store, progress=False).get(stream)  # unknown stream: clear error now, not at 3 am
     cfg = cycle_config(settings)
     return {k: v for k, v in (settings or {}).items() if v is not None} | {"policy": cfg.policy}
 
@@ -306,23 +307,15 @@ def schedule_status(store: ExpertStore, last: int = 5) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ jobs
-def _registry(store: ExpertStore):
-    from streams import StreamRegistry
-
-    work_dir = Path(store.path).resolve() / "streams"
-    work_dir.mkdir(parents=True, exist_ok=True)
-    return StreamRegistry(store.engine, work_dir=str(work_dir))
-
-
 def _cycle(st: ExpertStore, stream: str, settings: Mapping[str, Any] | None, job: str) -> dict[str, Any]:
     settings = settings or {}
     monitor = None
     if settings.get("tensorboard", True):
         from .monitor import Monitor
 
-        monitor = Monitor(Path(st.path).resolve() / "tensorboard")
+        monitor = Monitor(tensorboard_dir(st))
     try:
-        r = run_cycle(st, _registry(st), stream, cycle_config(settings), device=settings.get("device"), monitor=monitor,
+        r = run_cycle(st, open_registry(st, progress=False), stream, cycle_config(settings), device=settings.get("device"), monitor=monitor,
                       progress=False, should_stop=_stop.is_set, holder=holder_name("scheduler"), log=log.info)
     except LeaseHeldError as exc:
         log.warning("%s: skipped: %s", job, exc)
@@ -348,7 +341,7 @@ def poll_job(store: str, stream: str, min_tokens: int, settings: dict[str, Any] 
         return {"status": "stopping"}
     with ExpertStore.open(store, url=url) as st:
         cursor = st.version("HEAD").cursors.get(stream)
-        pending = _registry(st).pending(stream, cursor)
+        pending = open_registry(st, progress=False).pending(stream, cursor)
         tokens = pending.tokens or 0
         if tokens < min_tokens:
             log.info("%s: %d tokens pending < %d: no cycle", job, tokens, min_tokens)
@@ -380,7 +373,7 @@ def audit_job(store: str, url: str | None = None, max_queries: int = 2048, min_r
                 log.info("audit: version %s is already audited", head)
                 return {"status": "already-audited", "version": head}
         try:
-            report = audit_version(st, _registry(st), head, max_queries=max_queries, progress=False)
+            report = audit_version(st, open_registry(st, progress=False), head, max_queries=max_queries, progress=False)
         except AuditError as exc:
             log.info("audit: version %s skipped: %s", head, exc)
             return {"status": "no-heldout", "version": head}

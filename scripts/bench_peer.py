@@ -2,7 +2,8 @@
 
 Each (implementation, N, mode) runs in its own subprocess; peak memory is the subprocess's
 peak RSS minus its RSS just before the layer is built, so parameters, gradients, optimizer
-state and activations all count.
+state and activations all count. Timings are medians over ``--steps`` steps per process and
+over ``--rounds`` rounds that interleave the implementations (the machine is shared).
 
     python scripts/bench_peer.py                 # full table (N = 128^2 .. 1024^2)
     python scripts/bench_peer.py --quick         # N = 128^2, 256^2
@@ -127,6 +128,7 @@ def main() -> None:
     ap.add_argument("--impls", nargs="*", default=IMPLS, choices=IMPLS)
     ap.add_argument("--modes", nargs="*", default=["train", "forward"], choices=["train", "forward"])
     ap.add_argument("--steps", type=int, default=5, help="timed steps per configuration (median reported)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of subprocesses, interleaving implementations (median reported)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="N = 128^2 and 256^2 only")
     ap.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -144,13 +146,25 @@ def main() -> None:
         print(f"{'impl':<16}{'N':>10}{'mode':>9}{'tokens/s':>12}{'step ms':>10}{'peak MB':>10}")
     for side in sides:
         for mode in args.modes:
+            runs: dict[str, list[dict]] = {impl: [] for impl in args.impls}
+            for _ in range(args.rounds):  # interleaved, so a noisy moment hits every implementation
+                for impl in args.impls:
+                    cmd = [sys.executable, __file__, "--_one", impl, str(side * side), mode, "--steps", str(args.steps), "--threads", str(args.threads)]
+                    proc = subprocess.run(cmd, capture_output=True, text=True)
+                    if proc.returncode != 0:
+                        runs[impl].append({"error": (proc.stderr.strip().splitlines() or ["?"])[-1]})
+                    else:
+                        runs[impl].append(json.loads(proc.stdout.strip().splitlines()[-1]))
             for impl in args.impls:
-                cmd = [sys.executable, __file__, "--_one", impl, str(side * side), mode, "--steps", str(args.steps), "--threads", str(args.threads)]
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                if proc.returncode != 0:
-                    row = {"impl": impl, "num_experts": side * side, "mode": mode, "error": proc.stderr.strip().splitlines()[-1:]}
+                good = [r for r in runs[impl] if "error" not in r]
+                if not good:
+                    row = {"impl": impl, "num_experts": side * side, "mode": mode, "error": runs[impl][-1]["error"]}
                 else:
-                    row = json.loads(proc.stdout.strip().splitlines()[-1])
+                    row = dict(good[0])
+                    row["step_ms"] = statistics.median(r["step_ms"] for r in good)
+                    row["tokens_per_s"] = BATCH * SEQ / (row["step_ms"] / 1e3)
+                    row["peak_mem_mb"] = statistics.median(r["peak_mem_mb"] for r in good)
+                    row["rounds"] = len(good)
                 rows.append(row)
                 if args.json:
                     print(json.dumps(row), flush=True)

@@ -123,24 +123,32 @@ def read_rows(spec: StreamSpec, path: str, start_row: int = 0,
     try:
         ds = load_dataset(_BUILDER[spec.format], data_files=[src], split="train",
                           streaming=True, **kwargs)
-        if start_row:
-            ds = ds.skip(start_row)
-        row = start_row
-        it = iter(ds.iter(batch_size=BATCH_ROWS))
-        while True:
-            try:
-                batch = next(it)
-            except StopIteration:
-                return
-            if field not in batch:
-                raise MissingFieldError(path, f"no column {field!r} (columns: {sorted(batch)})", row=row)
-            values = batch[field]
-            yield row, values
-            row += len(values)
+        yield from _batches(ds, field, path, start_row)
     except BadInputError:
         raise
     except (Exception, StopIteration) as exc:
         raise _convert(exc, path) from exc
+
+
+def _batches(ds: Any, field: str, where: Any, start_row: int) -> Iterator[tuple[int, list[Any]]]:
+    """``(first row, values)`` batches of ``field`` from a streaming dataset, from ``start_row``.
+
+    The loop catches ``StopIteration`` itself: ``datasets`` can raise a bare one (an empty
+    JSONL), which must end this generator, not leak out of an outer loop.
+    """
+    if start_row:
+        ds = ds.skip(start_row)
+    row = start_row
+    it = iter(ds.iter(batch_size=BATCH_ROWS))
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        if field not in batch:
+            raise MissingFieldError(where, f"no column {field!r} (columns: {sorted(batch)})", row=row)
+        yield row, batch[field]
+        row += len(batch[field])
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -171,19 +179,7 @@ def read_hub_rows(spec: StreamSpec, start_row: int = 0) -> Iterator[tuple[int, l
 
     try:
         ds = load_dataset(name, spec.hub_config, split=spec.split, streaming=True)
-        if start_row:
-            ds = ds.skip(start_row)
-        row = start_row
-        it = iter(ds.iter(batch_size=BATCH_ROWS))
-        while True:
-            try:
-                batch = next(it)
-            except StopIteration:
-                return
-            if spec.text_field not in batch:
-                raise MissingFieldError(name, f"no column {spec.text_field!r} (columns: {sorted(batch)})", row=row)
-            yield row, batch[spec.text_field]
-            row += len(batch[spec.text_field])
+        yield from _batches(ds, spec.text_field, name, start_row)
     except BadInputError:
         raise
     except (Exception, StopIteration) as exc:

@@ -23,7 +23,7 @@ from ..cycle import POLICIES, CycleConfig, CycleInterrupted, CycleResult
 from ..errors import ConfigError
 from ..evaluate import continual_metrics, loss_matrix
 from ..workspace import open_registry, tensorboard_dir
-from .common import add_parser, open_store, print_json, print_table
+from .common import add_parser, open_store, positive_int, print_json, print_table
 
 EXIT_INTERRUPTED = 130
 
@@ -33,16 +33,6 @@ def _stream_hints(store: str | None) -> Any:
 
     hints = getattr(stream_verbs, "_hints", None)
     return hints(store) if hints is not None else nullcontext()
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text.replace("_", ""))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
 
 
 def _cycle_config(args: argparse.Namespace) -> CycleConfig:
@@ -239,15 +229,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--policy", choices=POLICIES, default=policy,
                        help="full: fine-tune all; freeze-experts: grow, old experts/keys frozen (default); "
                             "freeze-all: grow, only new rows train")
-        p.add_argument("--grow-rows", type=_positive_int, metavar="N", help="rows added to each PEER layer (default: 8)")
-        p.add_argument("--budget", type=_positive_int, metavar="TOKENS", help="new tokens taken from the stream (default: 1000000)")
+        p.add_argument("--grow-rows", type=positive_int, metavar="N", help="rows added to each PEER layer (default: 8)")
+        p.add_argument("--budget", type=positive_int, metavar="TOKENS", help="new tokens taken from the stream (default: 1000000)")
         p.add_argument("--epochs", type=float, help="passes over the new data (default: 1)")
         p.add_argument("--replay", type=float, metavar="RATIO", help="share of each batch replayed from earlier streams")
         p.add_argument("--distill", type=float, metavar="WEIGHT", help="KL-to-previous-version weight on replayed rows")
         p.add_argument("--max-forgetting", type=float, metavar="NATS",
                        help="guard: above it the version is kept as candidate/<cycle> and HEAD does not move")
-        p.add_argument("--eval-tokens", type=_positive_int, metavar="TOKENS", help="held-out tokens per stream (default: 32768)")
-        p.add_argument("--batch-size", type=_positive_int)
+        p.add_argument("--eval-tokens", type=positive_int, metavar="TOKENS", help="held-out tokens per stream (default: 32768)")
+        p.add_argument("--batch-size", type=positive_int)
         p.add_argument("--lr", type=float)
         p.add_argument("--expert-lr", type=float)
         p.add_argument("--seed", type=int)

@@ -24,7 +24,7 @@ from streams.defaults import DEFAULT_STREAMS
 from streams.spec import FORMATS, ON_BAD_ROWS, ON_CHANGED, TEXT_MODES
 
 from ..workspace import defaults_cache_dir, open_registry
-from .common import add_parser, open_store, print_json, print_table
+from .common import add_parser, open_store, positive_int, print_json, print_table
 
 STAGED_NOTE = "staged; the cursor advances when a cycle commits a version"
 
@@ -117,16 +117,6 @@ def _fraction(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text.replace("_", ""))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
     return value
 
 
@@ -362,7 +352,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "for the next cycle (no cursor moves)",
                    "lifelong --store ./store ingest news --budget 2000000")
     p.add_argument("name")
-    p.add_argument("--budget", type=_positive_int, metavar="TOKENS",
+    p.add_argument("--budget", type=positive_int, metavar="TOKENS",
                    help="stop at the first document boundary at or after this many tokens")
     p.add_argument("--on-bad-rows", choices=ON_BAD_ROWS,
                    help="override the stream's policy for this staging (skip: skip and count)")
