@@ -94,3 +94,14 @@ def test_real_subprocess_cli(store_dir):
     assert proc.returncode == 0 and "grown" in proc.stdout
     proc = subprocess.run([sys.executable, "-m", "lifelong.cli.main", "show", "v99"], env=env, capture_output=True, text=True)
     assert proc.returncode == 1 and proc.stderr.startswith("error:") and "Traceback" not in proc.stderr
+
+
+def test_generate_samples_from_any_version(store_dir, capsys):
+    code, out, _ = run(store_dir, "generate", "1", "--prompt", "ab", "--tokens", "12", "--device", "cpu", "--json", capsys=capsys)
+    first = json.loads(out)
+    assert code == 0 and first["version"] == 1 and first["text"].startswith("ab")
+    code, again, _ = run(store_dir, "generate", "1", "--prompt", "ab", "--tokens", "12", "--device", "cpu", "--json", capsys=capsys)
+    assert json.loads(again)["text"] == first["text"]  # seeded
+    code, out, _ = run(store_dir, "generate", "HEAD", "--temperature", "0", "--tokens", "5", "--device", "cpu", "--json", capsys=capsys)
+    assert code == 0 and json.loads(out)["version"] == 2
+    assert run(store_dir, "generate", "v9", capsys=capsys)[0] == 1
