@@ -98,8 +98,13 @@ def commit_model(
     cursors: dict[str, Any] | None = None,
     ref: str | None = "HEAD",
     created_by: str | None = None,
+    optimizer: dict[str, torch.Tensor] | None = None,
 ) -> VersionInfo:
-    """Commit ``model`` as a new version on top of ``parent`` (default: HEAD) and move ``ref``."""
+    """Commit ``model`` as a new version on top of ``parent`` (default: HEAD) and move ``ref``.
+
+    ``optimizer`` (flat tensors, e.g. :attr:`TrainResult.optimizer_state`) is stored with the
+    version so that the next training run can resume its optimizer state.
+    """
     _check_matches(store, model)
     if parent == "HEAD":
         parent = store.head()
@@ -131,6 +136,7 @@ def commit_model(
         metrics=metrics,
         cursors=cursors,
         config=config,
+        optimizer=optimizer,
         ref=ref,
         created_by=created_by,
     )

@@ -310,6 +310,7 @@ def _cycle_body(store, registry, stream, cfg, parent, pinfo, data, cycle_id, dev
         stopped[0] = stopped[0] or bool(should_stop and should_stop())
         return stopped[0]
 
+    parent_optimizer = store.load_optimizer(parent, device) if pinfo.optimizer_hash else None
     result = train(
         model,
         _mixed_batches(new_blocks, replay_blocks, tcfg.batch_size, cfg.replay_ratio, cfg.seed),
@@ -320,6 +321,7 @@ def _cycle_body(store, registry, stream, cfg, parent, pinfo, data, cycle_id, dev
         teacher=teacher,
         distill_weight=cfg.distill_weight,
         distill_temperature=cfg.distill_temperature,
+        optimizer_state=parent_optimizer,
     )
     if stop():
         raise CycleInterrupted(f"cycle {cycle_id} stopped after {result.steps} of {steps} steps; no version was committed")
@@ -356,6 +358,7 @@ def _cycle_body(store, registry, stream, cfg, parent, pinfo, data, cycle_id, dev
         new_tokens=data.train_token_count,
         bad_rows=data.bad_rows,
         global_step=step0 + result.steps,
+        resumed_optimizer=result.resumed_optimizer,
         experts=sum(l.num_experts for l in model.peer_layers().values()),
         **policy_info,
     )
@@ -376,6 +379,7 @@ def _cycle_body(store, registry, stream, cfg, parent, pinfo, data, cycle_id, dev
         cursors=cursors,
         ref=ref,
         created_by=f"cycle:{cycle_id}",
+        optimizer=result.optimizer_state,
     )
     if ref != "HEAD":
         log(f"guard: forgetting {worst:.3f} nats > max_forgetting {cfg.max_forgetting}: version {info.id} kept as "

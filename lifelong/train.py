@@ -28,6 +28,8 @@ class TrainResult:
     tokens: int = 0
     seconds: float = 0.0
     eval_losses: list[tuple[int, float]] = field(default_factory=list)
+    optimizer_state: dict[str, Tensor] = field(default_factory=dict)  # flat, safetensors-ready
+    resumed_optimizer: bool = False
 
     @property
     def tokens_per_s(self) -> float:
@@ -94,6 +96,7 @@ def train(
     teacher: PEERLM | None = None,
     distill_weight: float = 0.0,
     distill_temperature: float = 1.0,
+    optimizer_state: dict[str, Tensor] | None = None,
 ) -> TrainResult:
     """Train ``model`` for ``cfg.steps`` steps on (B, L+1) token batches.
 
@@ -105,6 +108,10 @@ def train(
     ``batches`` yields (B, L+1) tensors, or ``(tokens, replay)`` pairs where ``replay`` (B,)
     marks replayed rows: with a ``teacher`` (the previous version) and ``distill_weight`` > 0,
     those rows also pay ``distill_weight * T^2 * KL(teacher || model)`` at temperature T.
+
+    ``optimizer_state`` (a previous :attr:`TrainResult.optimizer_state`) resumes the optimizers:
+    the expert rows' state always (rows still trainable keep theirs), AdamW's only when the
+    trainable parameters have the same shapes (after growth they do not: AdamW starts fresh).
     """
     device = next(model.parameters()).device
     groups = model.param_groups()
@@ -115,9 +122,10 @@ def train(
     adamw = torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(0.9, 0.95)) if param_groups else None
     rows = RowAdam(groups["expert"], lr=cfg.expert_lr)
     clip_params = [p for g in param_groups for p in g["params"]]
+    resumed = _load_optimizers(adamw, rows, optimizer_state or {})
 
     model.train()
-    result = TrainResult(steps=0, final_loss=float("nan"))
+    result = TrainResult(steps=0, final_loss=float("nan"), resumed_optimizer=resumed)
     start = time.perf_counter()
     bar = tqdm(range(cfg.steps), desc="train", unit="step", disable=not progress, leave=False)
     for step in bar:
@@ -171,4 +179,36 @@ def train(
     result.final_loss = float(np.mean(result.losses[-10:])) if result.losses else float("nan")
     if eval_blocks is not None:
         result.eval_losses.append((result.steps, evaluate_loss(model, eval_blocks, cfg.batch_size, cfg.eval_batches)))
+    result.optimizer_state = _save_optimizers(adamw, rows)
     return result
+
+
+def _save_optimizers(adamw: torch.optim.Optimizer | None, rows: RowAdam) -> dict[str, Tensor]:
+    out = {f"rows.{k}": v for k, v in rows.state_dict().items()}
+    if adamw is not None:
+        for i, st in adamw.state_dict()["state"].items():
+            for k, v in st.items():
+                out[f"adamw.{i}.{k}"] = torch.as_tensor(v).detach().clone()
+    return out
+
+
+def _load_optimizers(adamw: torch.optim.Optimizer | None, rows: RowAdam, flat: dict[str, Tensor]) -> bool:
+    """Load what fits; returns True when AdamW's state was resumed too."""
+    rows.load_state_dict({k[5:]: v for k, v in flat.items() if k.startswith("rows.")})
+    if adamw is None:
+        return False
+    sd = adamw.state_dict()
+    params = [p for g in adamw.param_groups for p in g["params"]]
+    state: dict[int, dict[str, Tensor]] = {}
+    for key, value in flat.items():
+        if key.startswith("adamw."):
+            _, i, name = key.split(".", 2)
+            state.setdefault(int(i), {})[name] = value
+    if sorted(state) != list(range(len(params))):
+        return False
+    for i, p in enumerate(params):
+        if state[i]["exp_avg"].shape != p.shape:
+            return False
+    sd["state"] = {i: {k: v.to(p.device) if k != "step" else v for k, v in state[i].items()} for i, p in enumerate(params)}
+    adamw.load_state_dict(sd)
+    return True

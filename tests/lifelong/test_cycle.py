@@ -320,3 +320,12 @@ def test_sigkill_mid_training_and_mid_commit_leaves_the_store_consistent(tmp_pat
         assert "COMMIT" in seen
         landed.append(_check_after_kill(path, pid, head, expected["b"]))
     print("commit landed before the kill:", landed)
+
+
+def test_optimizer_state_is_committed_and_resumed_by_the_next_cycle(after_a):
+    b = cycle(after_a, "b", cfg("full"))  # unfreezes everything: new parameter shapes, fresh AdamW
+    c = cycle(after_a, "c", cfg("full"))  # same shapes as b's: resumes b's optimizer state
+    assert after_a.version(b.version).optimizer_hash is not None
+    assert not b.metrics["resumed_optimizer"] and c.metrics["resumed_optimizer"]
+    state = after_a.load_optimizer(c.version)
+    assert any(k.startswith("adamw.") for k in state) and any(k.startswith("rows.") for k in state)

@@ -96,3 +96,22 @@ def test_too_long_sequence_is_a_clear_error():
     model = PEERLM(tiny_config())
     with pytest.raises(ConfigError, match="block_size"):
         model(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_optimizer_state_resumes_when_it_fits():
+    torch.manual_seed(0)
+    model = PEERLM(tiny_config())
+    blocks = pattern_blocks()
+    cfg = TrainConfig(steps=3, batch_size=8, warmup_steps=1)
+    first = train(model, random_batches(blocks, 8, 0), cfg, progress=False)
+    assert not first.resumed_optimizer and any(k.startswith("adamw.") for k in first.optimizer_state)
+    second = train(model, random_batches(blocks, 8, 1), cfg, progress=False, optimizer_state=first.optimizer_state)
+    assert second.resumed_optimizer
+    assert float(second.optimizer_state["adamw.0.step"]) == 6  # continued, not restarted
+    # After growth the trainable parameters change shape: AdamW starts fresh, expert rows keep state.
+    layer = model.peer_layers()["blocks.1.ffn"]
+    layer.freeze()
+    layer.grow(2)
+    third = train(model, random_batches(blocks, 8, 2), cfg, progress=False, optimizer_state=second.optimizer_state)
+    assert not third.resumed_optimizer
+    assert int(third.optimizer_state["rows.0.start"]) == layer.trainable_start
