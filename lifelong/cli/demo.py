@@ -10,6 +10,7 @@ samples from the first and last version. Re-running in the same directory resume
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -35,7 +36,7 @@ def demo_model_config() -> ModelConfig:
 
 
 def _cycle_config(first: bool, quick: bool, seed: int) -> CycleConfig:
-    budget = (40_000 if first else 15_000) if quick else (400_000 if first else 200_000)
+    budget = (40_000 if first else 15_000) if quick else (2_000_000 if first else 600_000)
     train = TrainConfig(batch_size=16, lr=2e-3, expert_lr=2e-2, warmup_steps=20, seed=seed)
     return CycleConfig(
         policy="full" if first else "freeze-experts",
@@ -59,7 +60,7 @@ def run_demo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     path = Path(args.store or args.dir)
     device = torch.device(args.device) if args.device else best_device()
-    progress = not args.no_progress
+    progress = not args.no_progress and sys.stderr.isatty()
     try:
         store = ExpertStore.open(path)
         print(f"resuming the demo store at {path}: HEAD -> version {store.head()}, {len(store.versions())} versions")
@@ -140,5 +141,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="small token budgets (about 2 minutes on 2 CPU cores)")
     p.add_argument("--device", help="cpu, cuda, ... (default: GPU if there is one)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars (hidden anyway when stderr is not a terminal)")
     p.set_defaults(func=run_demo)
