@@ -83,7 +83,13 @@ def cmd_show(args: argparse.Namespace) -> int:
         return 0
     print(f"version {v.id}  parent {v.parent}  {v.created_at:%Y-%m-%d %H:%M:%S} UTC\n  {v.message}")
     print(f"  experts {v.n_experts}, shard bytes {v.shard_bytes}, dense object {v.dense_hash[:12]}")
-    rows = [(s.id, s.layer, f"{s.row_start}-{s.row_end}", s.n_experts, s.dtype, s.bytes, "yes" if s.frozen else "no", s.object_hash[:12]) for s in v.shards]
+    geometry = v.config.get("layers", {})
+
+    def frozen(s) -> str:  # in this version (a shard written while trainable can be frozen later)
+        rows = geometry.get(s.layer, {}).get("frozen_rows")
+        return "yes" if (s.row_end <= rows if rows is not None else s.frozen) else "no"
+
+    rows = [(s.id, s.layer, f"{s.row_start}-{s.row_end}", s.n_experts, s.dtype, s.bytes, frozen(s), s.object_hash[:12]) for s in v.shards]
     print_table(["shard", "layer", "rows", "experts", "dtype", "bytes", "frozen", "object"], rows)
     if v.metrics:
         print("metrics:")
