@@ -6,6 +6,7 @@ budgets and training settings for every arm:
     dense           dense model (no PEER, FFN everywhere), full fine-tune on each stream
     dense-replay    control: the dense fine-tune with 25% replay (does replay alone do it?)
     full            PEER model, full fine-tune (no growth)
+    full-replay     control: the PEER full fine-tune with 25% replay (growth or replay?)
     freeze-experts  PEER, grow + freeze old experts and keys (dense parts train)
     freeze-all      PEER, grow + freeze everything old (only the new rows train)
     replay          the better of freeze-experts / freeze-all (lower final mean held-out
@@ -22,7 +23,7 @@ new-stream loss after each growth cycle (plasticity); then a summary across arms
 two targets for the best growth arm against the dense fine-tune:
 (a) mean forgetting <= 25% of the dense fine-tune's, (b) new-stream loss within 5%.
 
-    python scripts/bench_continual.py                 # full run (about 25 minutes on 2 CPU cores)
+    python scripts/bench_continual.py                 # full run (about 17 minutes on 2 CPU cores)
     python scripts/bench_continual.py --quick         # tiny budgets, a few minutes
     python scripts/bench_continual.py --smoke         # tiny model too, seconds (the test)
     python scripts/bench_continual.py --json          # one JSON object per arm + a summary
@@ -44,16 +45,17 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from expert_store import ExpertStore
-from lifelong.checkpoint import init_store
+from lifelong.checkpoint import checkout_model, init_store
 from lifelong.config import ModelConfig, PEERConfig, TrainConfig
 from lifelong.cycle import CycleConfig, run_cycle
-from lifelong.evaluate import loss_matrix
+from lifelong.evaluate import loss_matrix, usage_stats
 from lifelong.model import PEERLM
 from lifelong.workspace import open_registry
-from streams import register_defaults
+from streams import pack_blocks, register_defaults
 
 STREAMS = ("stdlib", "pydoc", "licenses")  # code, technical English, legal English
 GROWTH_POLICIES = ("freeze-experts", "freeze-all")
@@ -77,6 +79,7 @@ ARMS = {
         Arm("dense", "dense", "full", about="dense model, full fine-tune on each stream"),
         Arm("dense-replay", "dense", "full", 0.25, about="control: dense full fine-tune + 25% replay"),
         Arm("full", "peer", "full", about="PEER, full fine-tune (no growth)"),
+        Arm("full-replay", "peer", "full", 0.25, about="control: PEER full fine-tune + 25% replay (no growth)"),
         Arm("freeze-experts", "peer", "freeze-experts", about="PEER, grow + freeze old experts and keys"),
         Arm("freeze-all", "peer", "freeze-all", about="PEER, grow + freeze everything old"),
         Arm("replay", "peer", None, 0.25, about="best growth policy + 25% replay"),
@@ -175,6 +178,7 @@ def cycle_record(result: Any) -> dict[str, Any]:
         "mean_forgetting": m["mean_forgetting"],
         "experts": m["experts"],
         "grown_rows": m.get("grown_rows", 0),
+        "resumed_optimizer": m.get("resumed_optimizer"),  # AdamW state of the parent resumed (shapes fit)
     }
 
 
@@ -205,6 +209,34 @@ def build_base(root: Path, kind: str, mc: ModelConfig, s: Sizes, cache: Path, ar
     return path, {"seconds": round(time.perf_counter() - t0, 1), "cycle": rec, "heldout": heldout}
 
 
+def routing_to_grown(store: ExpertStore, registry: Any, chain: list[Any], s: Sizes, device: str) -> dict[str, float]:
+    """Per earlier stream j: the share of the final model's router weight (softmax scores of
+    the retrieved experts, all PEER layers) that goes, on j's held-out text, to experts grown
+    after the cycle that trained j. Under freeze-all these are the only thing that changed
+    for j, so this share is how much of j's routing the new experts took over."""
+    trained = [(v, v.metrics.get("stream")) for v in chain if v.metrics.get("stream")]
+    if not trained or not trained[-1][0].config.get("layers"):
+        return {}
+    model, _ = checkout_model(store, trained[-1][0].id, device=device)
+    layers = model.peer_layers()
+    out = {}
+    for v, stream in trained[:-1]:
+        tokens = registry.heldout(stream, max_tokens=s.eval_tokens).tokens
+        blocks = pack_blocks(tokens, model.config.block_size, pad_id=model.config.pad_id, seed=None).astype(np.int64)
+        if not len(blocks):
+            continue
+        blocks = blocks[np.linspace(0, len(blocks) - 1, min(len(blocks), 128)).astype(int)]  # spread over the set
+        counts: dict[str, torch.Tensor] = {}
+        usage_stats(model, blocks, max_batches=None, counts=counts)
+        grown = total = 0.0
+        for name, layer in layers.items():
+            first_new = int(v.config["layers"][name]["n_rows"]) * layer.n_cols  # experts when j was trained
+            grown += float(counts[name][first_new:].sum())
+            total += float(counts[name].sum())
+        out[stream] = grown / total if total else 0.0
+    return out
+
+
 def run_arm(arm: Arm, policy: str, base: Path, root: Path, s: Sizes, args: argparse.Namespace) -> dict[str, Any]:
     path = root / arm.name
     shutil.copytree(base, path)  # the base version, its stream registrations and held-out sets
@@ -224,6 +256,7 @@ def run_arm(arm: Arm, policy: str, base: Path, root: Path, s: Sizes, args: argpa
         chain = list(reversed(store.log("HEAD")))
         matrix = loss_matrix(chain)
         last = chain[-1].metrics
+        routing = routing_to_grown(store, registry, chain, s, args.device) if arm.model == "peer" else {}
     finally:
         store.close()
     if not args.keep:
@@ -246,6 +279,7 @@ def run_arm(arm: Arm, policy: str, base: Path, root: Path, s: Sizes, args: argpa
         "backward_transfer": last.get("backward_transfer"),
         "forward_transfer": last.get("forward_transfer"),
         "experts": last.get("experts", 0),
+        "routing_to_grown": routing,
         "cycles": cycles,
         "seconds": round(time.perf_counter() - t0, 1),
     }
@@ -320,22 +354,28 @@ def print_arm(r: dict[str, Any], out: Any) -> None:
     print("new-stream loss after each growth cycle (plasticity): "
           + ", ".join(f"{k} {_f(v)}" for k, v in r["new_stream_loss"].items()) + f"; mean {_f(r['mean_new_stream_loss'])}", file=out)
     print(f"final mean held-out loss: {r['final_mean_loss']:.3f}; experts {r['experts']:,}; {r['seconds']:.0f}s", file=out)
+    if r["routing_to_grown"]:
+        print("router weight on experts grown after the stream was trained (final version, its held-out text): "
+              + ", ".join(f"{k} {v:.1%}" for k, v in r["routing_to_grown"].items()), file=out)
 
 
 def print_summary(results: dict[str, dict[str, Any]], summary: dict[str, Any], out: Any) -> None:
     streams = STREAMS[:-1]
     head = ["arm", "policy", "replay", "distill"] + [f"fgt {s}" for s in streams] + [
-        "mean fgt", "fgt/dense"] + [f"new {s}" for s in STREAMS[1:]] + ["mean new", "new/dense", "final mean", "experts", "time s"]
+        "mean fgt", "fgt/dense"] + [f"new {s}" for s in STREAMS[1:]] + ["mean new", "new/dense", "final mean"] + [
+        f"rt {s}" for s in streams] + ["experts", "time s"]
     rows = []
     for r in results.values():
         rows.append([r["arm"], r["policy"], f"{r['replay_ratio']:g}", f"{r['distill_weight']:g}"]
                     + [_f(r["forgetting"].get(s), "{:+.3f}") for s in streams]
                     + [_f(r["mean_forgetting"], "{:+.3f}"), _f(r["forgetting_vs_dense"], "{:.2f}")]
                     + [_f(r["new_stream_loss"].get(s)) for s in STREAMS[1:]]
-                    + [_f(r["mean_new_stream_loss"]), _f(r["new_loss_vs_dense"], "{:.3f}"), _f(r["final_mean_loss"]),
-                       f"{r['experts']:,}", f"{r['seconds']:.0f}"])
+                    + [_f(r["mean_new_stream_loss"]), _f(r["new_loss_vs_dense"], "{:.3f}"), _f(r["final_mean_loss"])]
+                    + [_f(r["routing_to_grown"].get(s), "{:.1%}") for s in streams]
+                    + [f"{r['experts']:,}", f"{r['seconds']:.0f}"])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
-    print("\n== summary (held-out nats/byte; fgt = forgetting after the last cycle, new = new-stream loss after its cycle)", file=out)
+    print("\n== summary (held-out nats/byte; fgt = forgetting after the last cycle, new = new-stream loss after its cycle,\n"
+          "   rt = share of router weight on the stream's held-out text going to experts grown after it was trained)", file=out)
     print("  ".join(h.rjust(w) for h, w in zip(head, widths)), file=out)
     for row in rows:
         print("  ".join(str(x).rjust(w) for x, w in zip(row, widths)), file=out)
@@ -357,6 +397,13 @@ def print_summary(results: dict[str, dict[str, Any]], summary: dict[str, Any], o
               f"= {b['ratio'] - 1:+.1%} -> {verdict}", file=out)
     both = summary.get("arms_meeting_both") or []
     print(f"growth arms meeting both targets: {', '.join(both) if both else 'none'}", file=out)
+    b_r = results[best]
+    for control in ("dense-replay", "full-replay"):  # is it the growth, or the replay?
+        if control in results:
+            c = results[control]
+            print(f"{best} vs the control {control}: mean forgetting {b_r['mean_forgetting']:+.3f} vs {c['mean_forgetting']:+.3f}, "
+                  f"new-stream loss {_f(b_r['mean_new_stream_loss'])} vs {_f(c['mean_new_stream_loss'])}, "
+                  f"final mean {b_r['final_mean_loss']:.3f} vs {c['final_mean_loss']:.3f}", file=out)
 
 
 def main(argv: list[str] | None = None) -> int:
