@@ -15,12 +15,13 @@ from typing import Any, TypeVar
 
 from .errors import ConfigError
 
-__all__ = ["PEERConfig", "ModelConfig", "TrainConfig", "load_config", "config_to_dict", "config_from_dict"]
+__all__ = ["PEERConfig", "ModelConfig", "TrainConfig", "load_config", "config_to_dict", "config_from_dict", "require"]
 
 T = TypeVar("T")
 
 
-def _require(ok: bool, name: str, message: str) -> None:
+def require(ok: bool, name: str, message: str) -> None:
+    """Raise a ConfigError naming config field ``name`` unless ``ok``."""
     if not ok:
         raise ConfigError(f"invalid config field '{name}': {message}")
 
@@ -43,19 +44,19 @@ class PEERConfig:
     def __post_init__(self) -> None:
         for name in ("d_model", "heads", "top_k", "d_key", "n_rows", "n_cols"):
             value = getattr(self, name)
-            _require(isinstance(value, int) and value > 0, name, f"must be a positive integer, got {value!r}")
-        _require(self.d_key % 2 == 0, "d_key", f"must be even (split into two sub-keys), got {self.d_key}")
-        _require(self.top_k <= self.n_rows, "top_k", f"top_k={self.top_k} exceeds the row codebook size n_rows={self.n_rows}")
-        _require(self.top_k <= self.n_cols, "top_k", f"top_k={self.top_k} exceeds the column codebook size n_cols={self.n_cols}")
-        _require(self.score in ("softmax", "sigmoid"), "score", f"must be 'softmax' or 'sigmoid', got {self.score!r}")
-        _require(self.activation in ("gelu", "relu"), "activation", f"must be 'gelu' or 'relu', got {self.activation!r}")
+            require(isinstance(value, int) and value > 0, name, f"must be a positive integer, got {value!r}")
+        require(self.d_key % 2 == 0, "d_key", f"must be even (split into two sub-keys), got {self.d_key}")
+        require(self.top_k <= self.n_rows, "top_k", f"top_k={self.top_k} exceeds the row codebook size n_rows={self.n_rows}")
+        require(self.top_k <= self.n_cols, "top_k", f"top_k={self.top_k} exceeds the column codebook size n_cols={self.n_cols}")
+        require(self.score in ("softmax", "sigmoid"), "score", f"must be 'softmax' or 'sigmoid', got {self.score!r}")
+        require(self.activation in ("gelu", "relu"), "activation", f"must be 'gelu' or 'relu', got {self.activation!r}")
         if self.candidates is not None:
-            _require(
+            require(
                 isinstance(self.candidates, int) and 1 <= self.candidates <= self.top_k,
                 "candidates",
                 f"must be between 1 and top_k={self.top_k} (or null for exact), got {self.candidates!r}",
             )
-            _require(
+            require(
                 self.candidates**2 >= self.top_k,
                 "candidates",
                 f"candidates={self.candidates} gives {self.candidates ** 2} candidate pairs, fewer than top_k={self.top_k}",
@@ -86,10 +87,10 @@ class ModelConfig:
             self.peer = PEERConfig(**self.peer)
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "block_size", "ffn_mult"):
             value = getattr(self, name)
-            _require(isinstance(value, int) and value > 0, name, f"must be a positive integer, got {value!r}")
-        _require(self.d_model % self.n_heads == 0, "n_heads", f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
-        _require(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
-        _require(
+            require(isinstance(value, int) and value > 0, name, f"must be a positive integer, got {value!r}")
+        require(self.d_model % self.n_heads == 0, "n_heads", f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        require(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
+        require(
             self.peer.d_model == self.d_model,
             "peer.d_model",
             f"PEER d_model={self.peer.d_model} does not match the model's d_model={self.d_model}",
@@ -98,7 +99,7 @@ class ModelConfig:
             self.peer_layers = [self.n_layers // 2]
         self.peer_layers = sorted(set(int(i) for i in self.peer_layers))
         for i in self.peer_layers:
-            _require(0 <= i < self.n_layers, "peer_layers", f"block {i} does not exist (n_layers={self.n_layers})")
+            require(0 <= i < self.n_layers, "peer_layers", f"block {i} does not exist (n_layers={self.n_layers})")
 
 
 @dataclass
@@ -120,11 +121,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size"):
             value = getattr(self, name)
-            _require(isinstance(value, int) and value > 0, name, f"must be a positive integer, got {value!r}")
+            require(isinstance(value, int) and value > 0, name, f"must be a positive integer, got {value!r}")
         for name in ("lr", "expert_lr"):
-            _require(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
-        _require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
-        _require(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", "must be in [0, 1]")
+            require(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
+        require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        require(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", "must be in [0, 1]")
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from expert_store import ExpertStore
 from streams import StreamRegistry
 
 from .checkpoint import best_device, checkout_model, commit_model
-from .config import TrainConfig, _require
+from .config import TrainConfig, require
 from .errors import LifelongError
 from .evaluate import continual_metrics, loss_matrix, usage_stats
 from .model import PEERLM
@@ -63,13 +63,13 @@ class CycleConfig:
     def __post_init__(self) -> None:
         if isinstance(self.train, dict):
             self.train = TrainConfig(**self.train)
-        _require(self.policy in POLICIES, "policy", f"must be one of {', '.join(POLICIES)}, got {self.policy!r}")
-        _require(isinstance(self.grow_rows, int) and self.grow_rows > 0, "grow_rows", f"must be a positive integer, got {self.grow_rows!r}")
-        _require(0.0 <= self.replay_ratio < 1.0, "replay_ratio", f"must be in [0, 1), got {self.replay_ratio}")
-        _require(self.distill_weight >= 0, "distill_weight", "must be >= 0")
-        _require(self.key_init in ("queries", "random"), "key_init", f"must be 'queries' or 'random', got {self.key_init!r}")
-        _require(self.epochs > 0, "epochs", "must be positive")
-        _require(self.eval_tokens > 0, "eval_tokens", "must be positive")
+        require(self.policy in POLICIES, "policy", f"must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        require(isinstance(self.grow_rows, int) and self.grow_rows > 0, "grow_rows", f"must be a positive integer, got {self.grow_rows!r}")
+        require(0.0 <= self.replay_ratio < 1.0, "replay_ratio", f"must be in [0, 1), got {self.replay_ratio}")
+        require(self.distill_weight >= 0, "distill_weight", "must be >= 0")
+        require(self.key_init in ("queries", "random"), "key_init", f"must be 'queries' or 'random', got {self.key_init!r}")
+        require(self.epochs > 0, "epochs", "must be positive")
+        require(self.eval_tokens > 0, "eval_tokens", "must be positive")
 
 
 @dataclass

@@ -22,7 +22,7 @@ import torch
 from .model import PEERLM
 from .train import evaluate_loss
 
-__all__ = ["LossMatrix", "loss_matrix", "usage_stats", "continual_metrics"]
+__all__ = ["LossMatrix", "loss_matrix", "usage_stats", "continual_metrics", "kl_to_uniform"]
 
 
 @dataclass
@@ -108,6 +108,16 @@ def loss_matrix(chain: list[Any]) -> LossMatrix:
     )
 
 
+def kl_to_uniform(weights: torch.Tensor) -> float:
+    """KL(p || uniform) in nats, ``p`` = per-expert accumulated router weight, normalised
+    (= log N - H(p); 0 is perfectly even; PEER paper, Table 2). NaN when all weights are 0."""
+    total = float(weights.sum())
+    if total <= 0:
+        return math.nan
+    p = weights[weights > 0].double() / total
+    return max(float((p * (p * weights.numel()).log()).sum()), 0.0)
+
+
 @torch.no_grad()
 def usage_stats(
     model: PEERLM,
@@ -130,12 +140,9 @@ def usage_stats(
         for name, layer in layers.items():
             u = layer.usage
             assert u is not None
-            p = u / u.sum().clamp_min(1e-30)
-            nz = p[p > 0]
-            kl = float((nz * (nz * layer.num_experts).log()).sum())
             if counts is not None:
                 counts[name] = u.cpu()
-            out[name] = {"used_share": float((u > 0).double().mean()), "kl_uniform": kl, "experts": layer.num_experts}
+            out[name] = {"used_share": float((u > 0).double().mean()), "kl_uniform": kl_to_uniform(u), "experts": layer.num_experts}
         return out
     finally:
         for layer in layers.values():

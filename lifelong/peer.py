@@ -25,7 +25,7 @@ import dataclasses
 import math
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -259,7 +259,6 @@ class Shard:
     row_end: int
     frozen: bool = False
     store_id: int | None = None  # shard id in the expert store, once committed unchanged
-    extra: dict = field(default_factory=dict)
 
 
 class PEERLayer(nn.Module):

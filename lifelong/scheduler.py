@@ -2,7 +2,7 @@
 
 Jobs live in an APScheduler ``SQLAlchemyJobStore`` (table ``lifelong_jobs``) on the
 store's own database, so they survive restarts and can be added or removed while no
-scheduler runs. Each job is a module-level function named by textual reference
+scheduler runs (:mod:`lifelong.jobstore`; re-exported here). Each job is a module-level function named by textual reference
 (``lifelong.scheduler:poll_job``) with plain kwargs (store path, stream, settings), and
 does nothing but decide whether a cycle is due and call ``run_cycle``:
 
@@ -21,36 +21,43 @@ shuts down waiting for its jobs.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import re
 import signal
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 from apscheduler.events import EVENT_SCHEDULER_STARTED
 from apscheduler.executors.pool import ThreadPoolExecutor
-from apscheduler.job import Job
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.jobstores.memory import MemoryJobStore
-from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from apscheduler.schedulers.base import STATE_STOPPED, BaseScheduler
 from apscheduler.schedulers.blocking import BlockingScheduler
-from apscheduler.triggers.cron import CronTrigger
-from apscheduler.triggers.interval import IntervalTrigger
-from sqlalchemy import make_url, select
+from sqlalchemy import select
 
 from expert_store import ExpertStore
 
-from .config import TrainConfig
-from .cycle import CycleConfig, CycleInterrupted, NothingPendingError, run_cycle
-from .errors import ConfigError, LifelongError
-from .records import AuditRow, CycleRow, Lease, LeaseHeldError, LeaseRow, create_tables, holder_name, utcnow
+from .cycle import CycleInterrupted, NothingPendingError, run_cycle
+from .jobstore import (
+    JOB_TABLE,
+    KINDS,
+    MISFIRE_GRACE_S,
+    JobInfo,
+    JobNotFoundError,
+    add_audit,
+    add_cycle,
+    add_poll,
+    crontab_trigger,
+    cycle_config,
+    edit_jobs,
+    job_store,
+    list_jobs,
+    remove_job,
+    schedule_status,
+)
+from .records import AuditRow, Lease, LeaseHeldError, create_tables, holder_name
 from .workspace import open_registry, tensorboard_dir
 
 __all__ = [
@@ -62,22 +69,10 @@ __all__ = [
 
 log = logging.getLogger("lifelong.scheduler")
 
-JOB_TABLE = "lifelong_jobs"
-KINDS = ("poll", "cycle", "audit")
-MISFIRE_GRACE_S = 300  # a run later than this (scheduler down, busy) is skipped, not run late
 SCHEDULER_LEASE_TTL_S = 60.0  # a dead scheduler's lease expires after this
 REFRESH_S = 10.0  # a running scheduler re-reads the job table at least this often
 
-_TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)} - {"steps", "seed"}
-_CYCLE_KEYS = {f.name for f in dataclasses.fields(CycleConfig)} - {"train"}
-_RUN_KEYS = ("device", "tensorboard")  # job settings that are run_cycle arguments, not CycleConfig fields
 _stop = threading.Event()
-
-
-class JobNotFoundError(LifelongError):
-    """No scheduled job has that id."""
-
-    hint = "`lifelong schedule list` shows the job ids"
 
 
 def request_stop() -> None:
@@ -87,223 +82,6 @@ def request_stop() -> None:
 
 def stop_requested() -> bool:
     return _stop.is_set()
-
-
-# ------------------------------------------------------------------------------ settings
-def cycle_config(settings: Mapping[str, Any] | None) -> CycleConfig:
-    """A ``CycleConfig`` from a job's flat settings (CycleConfig fields + TrainConfig knobs)."""
-    settings = dict(settings or {})
-    for key in _RUN_KEYS:
-        settings.pop(key, None)
-    unknown = sorted(set(settings) - _CYCLE_KEYS - _TRAIN_KEYS)
-    if unknown:
-        raise ConfigError(f"unknown cycle setting(s) {', '.join(unknown)}")
-    train = {k: settings.pop(k) for k in list(settings) if k not in _CYCLE_KEYS}
-    return CycleConfig(**settings, train=TrainConfig(**train))
-
-
-_DOW = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
-
-
-def _crontab_dow(field: str) -> str:
-    """Crontab day-of-week (0 or 7 = Sunday) as names: APScheduler 3 counts 0 = Monday."""
-    if not re.search(r"\d", field):
-        return field
-    days: set[int] = set()
-    named: list[str] = []
-    for part in field.split(","):
-        rng, _, step = part.partition("/")
-        try:
-            if rng == "*":
-                lo, hi = 0, 6
-            elif "-" in rng:
-                lo, hi = (int(x) for x in rng.split("-"))
-            else:
-                lo = hi = int(rng)
-                if step:
-                    hi = 6
-            step_n = int(step or 1)
-        except ValueError:
-            if re.search(r"\d", rng):
-                raise ConfigError(f"invalid crontab day of week {field!r}") from None
-            named.append(part)  # names (mon-fri) mean the same to both
-            continue
-        if not (0 <= lo <= hi <= 7 and step_n > 0):
-            raise ConfigError(f"invalid crontab day of week {field!r}")
-        days.update(d % 7 for d in range(lo, hi + 1, step_n))
-    return ",".join([_DOW[d] for d in sorted(days)] + named)
-
-
-def crontab_trigger(expr: str) -> CronTrigger:
-    """``CronTrigger.from_crontab`` with standard crontab weekdays (0/7 = Sunday)."""
-    fields = expr.split()
-    if len(fields) != 5:
-        raise ConfigError(f"a crontab has 5 fields (minute hour day month weekday), got {expr!r}")
-    fields[4] = _crontab_dow(fields[4])
-    try:
-        return CronTrigger.from_crontab(" ".join(fields))
-    except ValueError as exc:
-        raise ConfigError(f"invalid crontab {expr!r}: {exc}") from exc
-
-
-def _trigger(every_s: float | None, cron: str | None) -> IntervalTrigger | CronTrigger:
-    if (every_s is None) == (cron is None):
-        raise ConfigError("give exactly one of an interval (every_s) or a crontab (cron)")
-    if cron is not None:
-        return crontab_trigger(cron)
-    if not every_s or every_s <= 0:
-        raise ConfigError(f"the interval must be positive, got {every_s}")
-    return IntervalTrigger(seconds=every_s)
-
-
-def describe_trigger(trigger: Any) -> str:
-    if isinstance(trigger, IntervalTrigger):
-        return f"every {trigger.interval.total_seconds():g} s"
-    if isinstance(trigger, CronTrigger):
-        f = {x.name: str(x) for x in trigger.fields}
-        return f"cron {f['minute']} {f['hour']} {f['day']} {f['month']} {f['day_of_week']}"
-    return str(trigger)
-
-
-# ------------------------------------------------------------------------------ job store
-def _store_ref(store: ExpertStore) -> dict[str, Any]:
-    """Plain kwargs that reopen ``store`` in another process: its path, and its URL only
-    when the database is not the default ``store.db`` inside it."""
-    url = store.engine.url
-    path = Path(store.path).resolve()
-    if url.get_backend_name() == "sqlite" and url.database and Path(url.database).resolve() == path / "store.db":
-        return {"store": str(path), "url": None}
-    return {"store": str(path), "url": url.render_as_string(hide_password=False)}
-
-
-def _job_store(store: ExpertStore) -> SQLAlchemyJobStore:
-    return SQLAlchemyJobStore(engine=store.engine, tablename=JOB_TABLE)
-
-
-class _Admin(BaseScheduler):
-    """A scheduler that never runs (nor advances) a job: only edits the job table."""
-
-    def wakeup(self) -> None:
-        pass
-
-    def shutdown(self, wait: bool = True) -> None:
-        super().shutdown(wait)
-
-    def _process_jobs(self):  # type: ignore[override]
-        return None
-
-
-@contextmanager
-def _jobs(store: ExpertStore) -> Iterator[BaseScheduler]:
-    """A paused scheduler on the persistent job table: adds and removes go straight to the
-    database and are picked up by any running or later ``schedule run``. (Not APScheduler's
-    ``BackgroundScheduler``: its loop processes due jobs once more on shutdown, which would
-    consume their runs.)"""
-    sched = _Admin(jobstores={"default": _job_store(store)})
-    sched.start(paused=True)
-    try:
-        yield sched
-    finally:
-        sched.shutdown(wait=False)
-
-
-@dataclass
-class JobInfo:
-    id: str
-    kind: str
-    trigger: str
-    next_run: datetime | None  # None: paused
-    description: str
-    kwargs: dict[str, Any]
-    replaced: bool = False
-
-    @classmethod
-    def from_job(cls, job: Job, replaced: bool = False) -> JobInfo:
-        return cls(job.id, job.id.split(":")[0], describe_trigger(job.trigger), job.next_run_time, job.name, dict(job.kwargs), replaced)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["next_run"] = self.next_run.isoformat(timespec="seconds") if self.next_run else None
-        if d["kwargs"].get("url"):
-            d["kwargs"]["url"] = make_url(d["kwargs"]["url"]).render_as_string(hide_password=True)
-        return d
-
-
-def _add(store: ExpertStore, job_id: str, func: str, trigger: Any, kwargs: dict[str, Any], name: str, misfire_grace_s: float | None) -> JobInfo:
-    if misfire_grace_s is not None:
-        if misfire_grace_s < 1:
-            raise ConfigError(f"the misfire grace must be >= 1 s (or None: run however late), got {misfire_grace_s}")
-        misfire_grace_s = int(misfire_grace_s)  # APScheduler wants an int
-    with _jobs(store) as sched:
-        replaced = sched.get_job(job_id) is not None
-        job = sched.add_job(
-            func, trigger, id=job_id, name=name, kwargs=kwargs, replace_existing=True,
-            coalesce=True, max_instances=1, misfire_grace_time=misfire_grace_s,
-        )
-        return JobInfo.from_job(job, replaced)
-
-
-def _check_stream(store: ExpertStore, stream: str, settings: Mapping[str, Any] | None) -> dict[str, Any]:
-    open_registry(store, progress=False).get(stream)  # unknown stream: clear error now, not at 3 am
-    cfg = cycle_config(settings)
-    return {k: v for k, v in (settings or {}).items() if v is not None} | {"policy": cfg.policy}
-
-
-def add_poll(store: ExpertStore, stream: str, *, every_s: float, min_tokens: int, settings: Mapping[str, Any] | None = None,
-             misfire_grace_s: float | None = MISFIRE_GRACE_S) -> JobInfo:
-    """Every ``every_s`` seconds: a cycle on ``stream`` when >= ``min_tokens`` tokens are pending."""
-    if min_tokens < 1:
-        raise ConfigError(f"min_tokens must be >= 1, got {min_tokens}")
-    s = _check_stream(store, stream, settings)
-    name = f"cycle on '{stream}' when >= {min_tokens} tokens are pending (policy {s['policy']})"
-    kw = {**_store_ref(store), "stream": stream, "min_tokens": int(min_tokens), "settings": s}
-    return _add(store, f"poll:{stream}", "lifelong.scheduler:poll_job", _trigger(every_s, None), kw, name, misfire_grace_s)
-
-
-def add_cycle(store: ExpertStore, stream: str, *, every_s: float | None = None, cron: str | None = None,
-              settings: Mapping[str, Any] | None = None, misfire_grace_s: float | None = MISFIRE_GRACE_S) -> JobInfo:
-    """A cycle on ``stream`` every ``every_s`` seconds or on a crontab (``"0 3 * * *"``)."""
-    s = _check_stream(store, stream, settings)
-    kw = {**_store_ref(store), "stream": stream, "settings": s}
-    name = f"cycle on '{stream}' (policy {s['policy']})"
-    return _add(store, f"cycle:{stream}", "lifelong.scheduler:cycle_job", _trigger(every_s, cron), kw, name, misfire_grace_s)
-
-
-def add_audit(store: ExpertStore, *, every_s: float | None = None, cron: str | None = None, max_queries: int = 2048,
-              min_recall: float = 1.0, misfire_grace_s: float | None = MISFIRE_GRACE_S) -> JobInfo:
-    """Audit HEAD's retrieval on held-out text once per new HEAD version (checked on a schedule)."""
-    kw = {**_store_ref(store), "max_queries": int(max_queries), "min_recall": float(min_recall)}
-    name = f"audit each new HEAD ({max_queries} query tokens, min recall {min_recall:g})"
-    return _add(store, "audit", "lifelong.scheduler:audit_job", _trigger(every_s, cron), kw, name, misfire_grace_s)
-
-
-def remove_job(store: ExpertStore, job_id: str) -> None:
-    with _jobs(store) as sched:
-        try:
-            sched.remove_job(job_id)
-        except JobLookupError as exc:
-            raise JobNotFoundError(f"no scheduled job '{job_id}'") from exc
-
-
-def list_jobs(store: ExpertStore) -> list[JobInfo]:
-    with _jobs(store) as sched:
-        return [JobInfo.from_job(j) for j in sched.get_jobs()]
-
-
-def schedule_status(store: ExpertStore, last: int = 5) -> dict[str, Any]:
-    """Jobs, held leases (``cycle``, ``scheduler``) and the last ``last`` rows of ``lifelong_cycles``."""
-    jobs = list_jobs(store)
-    create_tables(store.engine)
-    now = utcnow()
-    with store.engine.connect() as conn:
-        leases = conn.execute(select(LeaseRow)).all()
-        cycles = conn.execute(select(CycleRow.__table__).order_by(CycleRow.id.desc()).limit(last)).mappings().all()
-    return {
-        "jobs": [j.to_dict() for j in jobs],
-        "leases": [{"name": r.name, "holder": r.holder, "acquired_at": r.acquired_at.isoformat(timespec="seconds"),
-                    "expires_at": r.expires_at.isoformat(timespec="seconds"), "expired": r.expires_at < now} for r in leases],
-        "cycles": [{k: (v.isoformat(timespec="seconds") if isinstance(v, datetime) else v) for k, v in c.items()} for c in reversed(cycles)],
-    }
 
 
 # ------------------------------------------------------------------------------ jobs
@@ -420,7 +198,7 @@ def _heartbeat(lease: Lease) -> None:
 
 def _serve(store: ExpertStore, lease: Lease, refresh_s: float) -> None:
     sched = _Scheduler(
-        jobstores={"default": _job_store(store), "local": MemoryJobStore()},
+        jobstores={"default": job_store(store), "local": MemoryJobStore()},
         executors={"default": ThreadPoolExecutor(1), "local": ThreadPoolExecutor(1)},  # cycles queue, never collide
     )
     # Wakes the loop at least every refresh_s (jobs added by other processes) and renews the lease.
@@ -447,7 +225,7 @@ def _shutdown_on_stop(sched: BaseScheduler) -> None:
 def _run_once(store: ExpertStore) -> list[dict[str, Any]]:
     """Each poll job once (a poll is a check), then each cycle/audit job whose run time has come."""
     now = datetime.now(timezone.utc)
-    with _jobs(store) as sched:
+    with edit_jobs(store) as sched:
         jobs = sched.get_jobs()
     jobs.sort(key=lambda j: (j.id == "audit", j.id))
     results = []
@@ -467,7 +245,7 @@ def _run_once(store: ExpertStore) -> list[dict[str, Any]]:
             nxt = job.trigger.get_next_fire_time(job.next_run_time, now)
             while nxt is not None and nxt <= now:
                 nxt = job.trigger.get_next_fire_time(nxt, now)
-            with _jobs(store) as sched:
+            with edit_jobs(store) as sched:
                 try:
                     if nxt is None:  # the trigger is exhausted, as a running scheduler would drop it
                         sched.remove_job(job.id)

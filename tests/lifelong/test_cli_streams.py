@@ -197,7 +197,7 @@ def test_add_defaults(store_dir, tmp_path, monkeypatch, capsys):
     (lib / "pkg").mkdir(parents=True)
     (lib / "pkg" / "mod.py").write_text('"""A module."""\n\ndef f():\n    return 1\n')
     (lib / "tests").mkdir()
-    (lib / "tests" / "test_x.py").write_text("assert True\n")
+    (lib / "tests" / "test_x.py").write_text("X = 1  # a test module the stdlib stream must skip\n")
 
     def pydoc(cache_dir):
         out = cache_dir / "pydoc"

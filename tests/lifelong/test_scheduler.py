@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import select
 
 from expert_store import ExpertStore
-from lifelong import scheduler
+from lifelong import jobstore, scheduler
 from lifelong.cli.main import main
 from lifelong.records import CycleRow, Lease, LeaseRow, create_tables
 from streams import StreamRegistry
@@ -119,10 +119,10 @@ def test_jobs_persist_replace_and_remove(store_dir, capsys):
 
 
 def test_crontab_weekdays_are_standard():
-    assert scheduler._crontab_dow("0") == "sun" and scheduler._crontab_dow("7") == "sun"
-    assert scheduler._crontab_dow("1-5") == "mon,tue,wed,thu,fri"
-    assert scheduler._crontab_dow("*/2") == "sun,tue,thu,sat"
-    assert scheduler._crontab_dow("*") == "*" and scheduler._crontab_dow("mon-fri") == "mon-fri"
+    assert jobstore._crontab_dow("0") == "sun" and jobstore._crontab_dow("7") == "sun"
+    assert jobstore._crontab_dow("1-5") == "mon,tue,wed,thu,fri"
+    assert jobstore._crontab_dow("*/2") == "sun,tue,thu,sat"
+    assert jobstore._crontab_dow("*") == "*" and jobstore._crontab_dow("mon-fri") == "mon-fri"
 
 
 def test_run_once_runs_the_due_poll_job(store_dir, capsys):
