@@ -1,10 +1,6 @@
 """The expert store: a directory of objects plus a database of shards, versions and refs.
 
-Layout::
-
-    <path>/store.json      marker: format, store id, where the database is
-    <path>/store.db        SQLite database (unless a URL was given)
-    <path>/objects/ab/...  content-addressed safetensors objects
+The files on disk and how a store is created and opened are in :mod:`.layout`.
 
 A commit writes its objects first, then inserts shard and version rows and moves the ref
 (compare-and-swap) in one transaction. A crash before the transaction commits leaves only
@@ -14,10 +10,8 @@ unreachable objects, which :meth:`ExpertStore.gc` removes.
 from __future__ import annotations
 
 import getpass
-import json
 import os
 import socket
-import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,22 +19,14 @@ from typing import Any, Union
 
 import torch
 from sqlalchemy import Engine, select
-from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from . import maintenance
+from . import layout, maintenance
 from .diff import VersionDiff, diff_versions
-from .errors import (
-    CorruptObjectError,
-    NotAStoreError,
-    ReadOnlyStoreError,
-    StoreError,
-    StoreExistsError,
-    UnknownShardError,
-    UnknownVersionError,
-)
+from .errors import CorruptObjectError, ReadOnlyStoreError, UnknownShardError, UnknownVersionError
+from .layout import FORMAT, MARKER, OBJECTS_DIR, read_only_guard
 from .validation import check_json, check_overlaps, check_tensors, dtype_name
-from .objects import ObjectStore, atomic_write, is_read_only_error
+from .objects import ObjectStore
 from .records import (
     ExistingShard,
     GcResult,
@@ -56,26 +42,9 @@ from .records import (
     version_info,
 )
 from .refs import HEAD, create_tag, move_ref, resolve
-from .schema import (
-    WRITE,
-    Ref,
-    Reflog,
-    Shard,
-    Version,
-    VersionShard,
-    check_schema,
-    create_schema,
-    make_engine,
-    read_meta,
-    utcnow,
-)
+from .schema import WRITE, Ref, Reflog, Shard, Version, VersionShard, utcnow
 
 __all__ = ["ExpertStore", "MARKER", "FORMAT"]
-
-MARKER = "store.json"
-FORMAT = "expert_store"
-DB_FILE = "store.db"
-OBJECTS_DIR = "objects"
 
 Spec = Union[int, str]
 
@@ -92,16 +61,22 @@ def default_who() -> str:
 class ExpertStore:
     """A versioned store of expert shards. Create with :meth:`init`, reopen with :meth:`open`."""
 
-    def __init__(self, path: Path, engine: Engine, config: dict[str, Any], store_id: str, read_only: bool = False) -> None:
+    def __init__(self, path: Path, engine: Engine, config: dict[str, Any], store_id: str, read_only: bool = False,
+                 *, database: str = "default") -> None:
         self.path = path
         self.engine = engine
         self.config = config
         self.store_id = store_id
         self.read_only = read_only
         self.objects = ObjectStore(path / OBJECTS_DIR)
+        self._database = database
         self._writer = engine.execution_options(**{WRITE: True})
 
     # ---------------------------------------------------------------- create / open
+
+    @classmethod
+    def _from(cls, c: layout.Connected) -> ExpertStore:
+        return cls(c.path, c.engine, c.config, c.store_id, c.read_only, database=c.database)
 
     @classmethod
     def init(cls, path: str | os.PathLike[str], config: dict[str, Any] | None = None, url: str | None = None) -> ExpertStore:
@@ -111,73 +86,27 @@ class ExpertStore:
         ``store.db`` inside ``path``. Raises :class:`StoreExistsError` if a store exists
         there (or in the database), :class:`ReadOnlyStoreError` if it cannot be written.
         """
-        path = Path(path)
-        config = check_json("config", config)
-        if (path / MARKER).exists():
-            raise StoreExistsError(f"{path} already holds an expert store; open it instead")
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
-            raise StoreExistsError(f"{path} exists and is not an empty directory; refusing to init a store there")
-        try:
-            (path / OBJECTS_DIR).mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            if not is_read_only_error(exc):
-                raise
-            raise ReadOnlyStoreError(f"cannot create a store at {path}: {exc.strerror}") from exc
-        engine = make_engine(url or f"sqlite:///{path / DB_FILE}")
-        try:
-            read_meta(engine)
-        except NotAStoreError:
-            pass
-        else:
-            engine.dispose()
-            raise StoreExistsError(f"database {engine.url!r} already holds an expert store")
-        store_id = uuid.uuid4().hex
-        with _read_only_guard(path):
-            create_schema(engine, store_id, config)
-        marker = {"format": FORMAT, "store_id": store_id, "database": "default" if url is None else "url"}
-        atomic_write(path / MARKER, json.dumps(marker, indent=2).encode() + b"\n")
-        return cls(path, engine, config, store_id)
+        return cls._from(layout.create(Path(path), config, url))
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], url: str | None = None, read_only: bool = False) -> ExpertStore:
         """Open the store at ``path``; :class:`NotAStoreError` if there is none.
 
-        With ``read_only`` (or when the directory cannot be written, e.g. a read-only
+        A store created with a ``url`` needs that ``url`` again (see :attr:`url`). With
+        ``read_only`` (or when the directory cannot be written, e.g. a read-only
         filesystem) the store is opened for reading; every write raises
         :class:`ReadOnlyStoreError`.
         """
-        path = Path(path)
-        try:
-            marker = json.loads((path / MARKER).read_text())
-        except FileNotFoundError as exc:
-            raise NotAStoreError(f"{path} is not an expert store (no {MARKER}); create one with init") from exc
-        except (OSError, ValueError) as exc:
-            raise NotAStoreError(f"{path / MARKER} is unreadable: {exc}") from exc
-        if not isinstance(marker, dict) or marker.get("format") != FORMAT:
-            raise NotAStoreError(f"{path / MARKER} is not an expert store marker")
-        if marker.get("database") == "url" and url is None:
-            raise NotAStoreError(f"the store at {path} keeps its database elsewhere: pass its url")
-        if url is None and not (path / DB_FILE).is_file():
-            raise NotAStoreError(f"{path} has a {MARKER} but no {DB_FILE}; the store's database is missing")
-        if url is None and not read_only and not _writable(path):
-            read_only = True
-        if url is None and read_only:
-            # mode=ro never writes. On a read-only directory without WAL side files (the
-            # last writer closed cleanly) SQLite can only open the file as immutable.
-            db = path / DB_FILE
-            side_files = Path(f"{db}-wal").exists() and Path(f"{db}-shm").exists()
-            immutable = "&immutable=1" if not side_files and not _writable(path) else ""
-            url = f"sqlite:///file:{path / DB_FILE}?mode=ro{immutable}&uri=true"
-        engine = make_engine(url or f"sqlite:///{path / DB_FILE}")
-        try:
-            meta = read_meta(engine)
-            check_schema(meta)
-            if meta.get("store_id") != marker.get("store_id"):
-                raise NotAStoreError(f"database {engine.url!r} belongs to another store than {path}")
-        except StoreError:
-            engine.dispose()
-            raise
-        return cls(path, engine, json.loads(meta.get("config", "{}")), marker["store_id"], read_only)
+        return cls._from(layout.connect(Path(path), url, read_only))
+
+    @property
+    def url(self) -> str | None:
+        """What to pass as ``url`` to :meth:`open` in another process: None when the
+        database is the default ``store.db`` inside :attr:`path` (however it was opened),
+        else the SQLAlchemy URL, password included."""
+        if self._database == "default":
+            return None
+        return self.engine.url.render_as_string(hide_password=False)
 
     def close(self) -> None:
         """Release database connections."""
@@ -205,7 +134,7 @@ class ExpertStore:
     def _write(self) -> Iterator[Session]:
         """One write transaction (``BEGIN IMMEDIATE`` on SQLite); commit on success."""
         self._require_writable()
-        with _read_only_guard(self.path), Session(self._writer, expire_on_commit=False) as session:
+        with read_only_guard(self.path), Session(self._writer, expire_on_commit=False) as session:
             with session.begin():
                 yield session
 
@@ -434,25 +363,3 @@ class ExpertStore:
         with self._read() as session:
             return maintenance.gc(session, self.objects, dry_run=dry_run, grace_s=grace_s)
 
-
-def _writable(path: Path) -> bool:
-    """Whether files can be created in ``path`` (honest for root too, unlike ``os.access``)."""
-    probe = path / f".write-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-    except OSError:
-        return False
-    probe.unlink(missing_ok=True)
-    return True
-
-
-@contextmanager
-def _read_only_guard(path: Path) -> Iterator[None]:
-    """Turn 'cannot write the database' into :class:`ReadOnlyStoreError`."""
-    try:
-        yield
-    except OperationalError as exc:
-        text = str(exc.orig).lower()
-        if "readonly" in text or "read-only" in text or "unable to open" in text:
-            raise ReadOnlyStoreError(f"the store database at {path} cannot be written: {exc.orig}; the store is unchanged") from exc
-        raise

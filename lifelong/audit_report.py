@@ -1,6 +1,6 @@
 """Results of a retrieval audit: counts per head and layer, the report, and the audit's errors.
 
-Kept apart from :mod:`lifelong.audit` (which runs FAISS and the comparison) so that reading
+Kept apart from :mod:`lifelong.audit_exact` (which runs FAISS and the comparison) so that reading
 or storing a report needs neither faiss nor a model.
 """
 
@@ -13,9 +13,13 @@ from typing import Any
 
 from .errors import LifelongError
 
-__all__ = ["AuditError", "NoPEERLayersError", "NoQueriesError", "RetrievalStats", "LayerAudit", "AuditReport", "SCHEMA_VERSION"]
+__all__ = [
+    "AuditError", "NoPEERLayersError", "NoQueriesError", "RetrievalStats", "LayerAudit", "AuditReport", "SCHEMA_VERSION",
+    "DEFAULT_MIN_RECALL",
+]
 
 SCHEMA_VERSION = 1  # of AuditReport.to_dict(); bump on any incompatible change
+DEFAULT_MIN_RECALL = 1.0 - 1e-6  # recall up to float ties must be exact (the audit CLI's and the scheduler's default)
 
 
 class AuditError(LifelongError):
@@ -179,7 +183,7 @@ class AuditReport:
         """Lowest recall up to ties over layers: the number a threshold applies to."""
         return min((a.total.recall_up_to_ties for a in self.layers.values()), default=float("nan"))
 
-    def passed(self, threshold: float = 1.0) -> bool:
+    def passed(self, threshold: float = DEFAULT_MIN_RECALL) -> bool:
         """True when every layer's recall up to ties is >= threshold and no id came twice."""
         return all(a.total.recall_up_to_ties >= threshold and a.total.duplicate_ids == 0 for a in self.layers.values())
 
@@ -201,7 +205,7 @@ class AuditReport:
         layers = {name: LayerAudit.from_dict(a) for name, a in data["layers"].items()}
         return cls(layers=layers, blocks=data["blocks"], seconds=data["seconds"], extra=dict(data.get("extra", {})))
 
-    def format_table(self, per_head: bool = True) -> str:
+    def format_table(self, per_head: bool = True, threshold: float = DEFAULT_MIN_RECALL) -> str:
         """A fixed-width text table: one line per layer (and per head), then usage per layer."""
         head = f"{'layer':<20} {'head':>4} {'queries':>8} {'recall':>8} {'~ties':>8} {'set=':>7} {'ties':>6} {'misses':>6} {'rank=':>7} {'max|ds|':>9}"
         lines = [head, "-" * len(head)]
@@ -224,6 +228,6 @@ class AuditReport:
                 f"usage {a.usage:.2%} ({a.experts_used} used), KL to uniform {a.kl_uniform:.4f} nats; "
                 f"{a.backend}, exact {a.seconds_exact:.1f}s, router {a.seconds_router:.1f}s"
             )
-        verdict = "PASS" if self.passed() else "FAIL"
-        lines.append(f"min recall up to ties {self.min_recall:.6f} -> {verdict} (threshold 1.0)")
+        verdict = "PASS" if self.passed(threshold) else "FAIL"
+        lines.append(f"min recall up to ties {self.min_recall:.6f} -> {verdict} (threshold {threshold:g})")
         return "\n".join(lines)

@@ -6,44 +6,56 @@ dense FFNs, query nets and BatchNorm, the column codebook). The version's config
 the model config and each layer's geometry (rows, frozen rows, whether ``C2`` is frozen), so a
 checkout rebuilds exactly the committed model: same outputs bit for bit on the same device.
 
-Frozen shards that came from the store are committed again as ``ExistingShard``: nothing is
-rewritten or re-hashed. Trainable shards are always written (content addressing dedups
-identical bytes). On checkout, frozen shards stay resident (as views of the layer's table) so
-moving between versions that share them reads only the differing shards from disk.
+This module is the only bridge between model and store: the model knows row ranges, never
+stored shard ids. :func:`checkout_model` returns, with the model, a :class:`ShardMap` from
+each layer's row ranges to the stored shards they came from; :func:`commit_model` takes it
+and commits a frozen row range again as an ``ExistingShard`` (nothing rewritten or re-hashed)
+when it was frozen at checkout (frozen tensors are never written) or its bytes still equal
+the stored ones. Every other range is written as a new shard (content addressing dedups
+identical bytes). On checkout, frozen shards stay resident (as views of the layer's table)
+so moving between versions that share them reads only the differing shards from disk.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from expert_store import ExistingShard, ExpertStore, NewShard, Residency, VersionInfo
+from expert_store import ExistingShard, ExpertStore, NewShard, Residency, StoreError, VersionInfo
 
-from .config import ModelConfig, PEERConfig, config_to_dict
+from .config import ModelConfig, config_from_dict, config_to_dict
 from .errors import LifelongError
-from .model import PEERLM
+from .model import PEERLM, resolve_device
 from .peer import PEERLayer, Shard
 
-__all__ = ["commit_model", "checkout_model", "init_store", "model_from_config", "StoreMismatchError", "best_device"]
+__all__ = ["ShardMap", "commit_model", "checkout_model", "init_store", "StoreMismatchError"]
 
 _GROWING = ("n_rows",)  # config fields that change as the model grows
+
+RowRange = tuple[str, int, int]  # (layer name, row_start, row_end)
 
 
 class StoreMismatchError(LifelongError):
     """The model's configuration does not match the store's."""
 
 
-def best_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+@dataclass(frozen=True)
+class ShardMap:
+    """A model's origin in the store: its version, and the stored shard of each row range."""
 
+    version: VersionInfo
+    shards: dict[RowRange, int]  # row range -> stored shard id
+    frozen: frozenset[RowRange]  # the ranges that were frozen in that version
 
-def model_from_config(data: dict[str, Any]) -> ModelConfig:
-    data = dict(data)
-    data["peer"] = PEERConfig(**data["peer"])
-    return ModelConfig(**data)
+    @classmethod
+    def of(cls, info: VersionInfo) -> ShardMap:
+        geometry: dict[str, dict[str, Any]] = info.config.get("layers", {})
+        shards = {(s.layer, s.row_start, s.row_end): s.id for s in info.shards}
+        frozen = frozenset(r for r in shards if r[2] <= int(geometry.get(r[0], {}).get("frozen_rows", 0)))
+        return cls(info, shards, frozen)
 
 
 def _fixed(config: dict[str, Any]) -> dict[str, Any]:
@@ -78,6 +90,21 @@ def _check_matches(store: ExpertStore, model: PEERLM) -> None:
         )
 
 
+def _reusable(store: ExpertStore, origin: ShardMap | None, key: RowRange, shard: Shard, tensors: dict[str, torch.Tensor]) -> int | None:
+    """The stored shard id to commit ``shard`` as, or None to write it anew."""
+    if origin is None or not shard.frozen or key not in origin.shards:
+        return None
+    shard_id = origin.shards[key]
+    if key in origin.frozen:
+        return shard_id  # frozen then and now: never written since
+    try:  # trainable in that version, frozen now: reuse only if the bytes did not change
+        stored = store.load_shard(shard_id, verify=False)
+    except StoreError:
+        return None
+    same = stored.keys() == tensors.keys() and all(torch.equal(stored[k], tensors[k].cpu()) for k in tensors)
+    return shard_id if same else None
+
+
 def _shard_tensors(layer: PEERLayer, shard: Shard) -> dict[str, torch.Tensor]:
     n2 = layer.n_cols
     a, b = shard.row_start * n2, shard.row_end * n2
@@ -93,41 +120,49 @@ def commit_model(
     model: PEERLM,
     *,
     message: str,
+    origin: ShardMap | None = None,
     parent: int | None | str = "HEAD",
     metrics: dict[str, Any] | None = None,
     cursors: dict[str, Any] | None = None,
     ref: str | None = "HEAD",
     created_by: str | None = None,
     optimizer: dict[str, torch.Tensor] | None = None,
-) -> VersionInfo:
+    run_config: dict[str, Any] | None = None,
+) -> ShardMap:
     """Commit ``model`` as a new version on top of ``parent`` (default: HEAD) and move ``ref``.
 
-    ``optimizer`` (flat tensors, e.g. :attr:`TrainResult.optimizer_state`) is stored with the
-    version so that the next training run can resume its optimizer state.
+    ``origin`` (from :func:`checkout_model` or a previous commit) lets unchanged frozen row
+    ranges be committed as the shards they already are. ``optimizer`` (flat tensors, e.g.
+    :attr:`TrainResult.optimizer_state`) is stored with the version so that the next training
+    run can resume its optimizer state; ``run_config`` (the resolved config of the run that
+    made the version, e.g. the cycle's) goes into the version's config as ``"run"``.
+    Returns the new version's :class:`ShardMap`.
     """
     _check_matches(store, model)
     if parent == "HEAD":
         parent = store.head()
     shards: list[NewShard | ExistingShard] = []
-    order: list[tuple[PEERLayer, Shard]] = []
     for name, layer in model.peer_layers().items():
         for shard in layer.shards:
-            if shard.frozen and shard.store_id is not None:
-                shards.append(ExistingShard(shard.store_id))
-            else:
-                shards.append(
-                    NewShard(
-                        layer=name,
-                        row_start=shard.row_start,
-                        row_end=shard.row_end,
-                        n_experts=(shard.row_end - shard.row_start) * layer.n_cols,
-                        tensors=_shard_tensors(layer, shard),
-                        frozen=shard.frozen,
-                    )
+            tensors = _shard_tensors(layer, shard)
+            reuse = _reusable(store, origin, (name, shard.row_start, shard.row_end), shard, tensors)
+            if reuse is not None:
+                shards.append(ExistingShard(reuse))
+                continue
+            shards.append(
+                NewShard(
+                    layer=name,
+                    row_start=shard.row_start,
+                    row_end=shard.row_end,
+                    n_experts=(shard.row_end - shard.row_start) * layer.n_cols,
+                    tensors=tensors,
+                    frozen=shard.frozen,
                 )
-            order.append((layer, shard))
+            )
     dense = {k: v.detach() for k, v in model.dense_state_dict().items()}
-    config = {"model": config_to_dict(model.config), "layers": _geometry(model)}
+    config: dict[str, Any] = {"model": config_to_dict(model.config), "layers": _geometry(model)}
+    if run_config is not None:
+        config["run"] = run_config
     info = store.commit(
         shards=shards,
         dense=dense,
@@ -140,9 +175,7 @@ def commit_model(
         ref=ref,
         created_by=created_by,
     )
-    for (layer, shard), stored in zip(order, info.shards):
-        shard.store_id = stored.id
-    return info
+    return ShardMap.of(info)
 
 
 def _materialise(module: nn.Module, device: torch.device) -> None:
@@ -162,17 +195,18 @@ def checkout_model(
     *,
     device: str | torch.device | None = None,
     residency: Residency | None = None,
-) -> tuple[PEERLM, VersionInfo]:
+) -> tuple[PEERLM, ShardMap]:
     """Build the model of version ``spec`` on ``device`` (default: GPU if there is one).
 
-    Pass the same ``residency`` across checkouts to reuse resident frozen shards; its
-    byte budget (if any) is enforced before anything is loaded.
+    Returns the model and its :class:`ShardMap` (``.version`` is the version's info): pass
+    that to :func:`commit_model`. Pass the same ``residency`` across checkouts to reuse
+    resident frozen shards; its byte budget (if any) is enforced before anything is loaded.
     """
     info = store.version(spec)
-    device = torch.device(device) if device is not None else best_device()
+    device = resolve_device(device)
     residency = residency or Residency(store, device)
     checkout = residency.checkout(info)
-    cfg = model_from_config(info.config["model"])
+    cfg = config_from_dict(ModelConfig, info.config["model"])
     geometry: dict[str, dict[str, Any]] = info.config.get("layers", {})
     with torch.device("meta"):
         model = PEERLM(cfg)
@@ -187,7 +221,7 @@ def checkout_model(
         u = torch.cat([t["u"] for _, t in parts]).to(device)  # (N, d)
         v = torch.cat([t["v"] for _, t in parts]).to(device)  # (N, d)
         frozen_rows = int(geo["frozen_rows"])
-        shards = [Shard(s.row_start, s.row_end, frozen=s.row_end <= frozen_rows, store_id=s.id) for s, _ in parts]
+        shards = [Shard(s.row_start, s.row_end, frozen=s.row_end <= frozen_rows) for s, _ in parts]
         layer.load_tables(row_keys, frozen_rows, u, v, shards)
         if geo.get("col_keys_frozen"):
             layer.freeze_col_keys()
@@ -208,13 +242,12 @@ def checkout_model(
     missing = [k for k in missing if not k.endswith(tables)]
     if missing or unexpected:
         raise LifelongError(f"version {info.id}: dense weights do not fit the model (missing {missing}, unexpected {unexpected})")
-    return model, info
+    return model, ShardMap.of(info)
 
 
 def init_store(path: str, config: ModelConfig, *, url: str | None = None, seed: int = 0) -> tuple[ExpertStore, VersionInfo]:
     """Create a store holding a fresh model built from ``config`` as its first version."""
     torch.manual_seed(seed)
     model = PEERLM(config)
-    store = ExpertStore.init(path, config={"model": asdict(config)}, url=url)
-    info = commit_model(store, model, message="init: fresh model", parent=None)
-    return store, info
+    store = ExpertStore.init(path, config={"model": config_to_dict(config)}, url=url)
+    return store, commit_model(store, model, message="init: fresh model", parent=None).version

@@ -3,19 +3,33 @@
 Every config validates itself in ``__post_init__`` and raises :class:`ConfigError` (a
 ``ValueError``) naming the offending field, so that a bad value never turns into a shape
 error deep inside torch.
+
+The cycle settings are listed once, here: each :class:`CycleConfig` field (and the
+:class:`TrainConfig` knobs a cycle exposes) carries its command-line flag and help text in
+its metadata. :func:`add_cycle_flags` puts them on a parser (``cycle``, ``train``,
+``schedule add``); :func:`cycle_config` builds the config from those flags, a JSON file or
+a scheduled job's settings.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import ConfigError
 
-__all__ = ["PEERConfig", "ModelConfig", "TrainConfig", "load_config", "config_to_dict", "config_from_dict", "require"]
+__all__ = [
+    "PEERConfig", "ModelConfig", "TrainConfig", "CycleConfig", "POLICIES", "KEY_INITS", "load_config", "config_to_dict",
+    "config_from_dict", "require", "add_cycle_flags", "cycle_settings", "cycle_config", "positive_int",
+]
+
+POLICIES = ("full", "freeze-experts", "freeze-all")
+KEY_INITS = ("queries", "random")
 
 T = TypeVar("T")
 
@@ -83,8 +97,8 @@ class ModelConfig:
     peer: PEERConfig = field(default_factory=PEERConfig)
 
     def __post_init__(self) -> None:
-        if isinstance(self.peer, dict):
-            self.peer = PEERConfig(**self.peer)
+        if isinstance(self.peer, Mapping):
+            self.peer = config_from_dict(PEERConfig, self.peer)
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "block_size", "ffn_mult"):
             value = getattr(self, name)
             require(isinstance(value, int) and value > 0, name, f"must be a positive integer, got {value!r}")
@@ -102,14 +116,31 @@ class ModelConfig:
             require(0 <= i < self.n_layers, "peer_layers", f"block {i} does not exist (n_layers={self.n_layers})")
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a whole number > 0 (underscores allowed: 100_000)."""
+    try:
+        value = int(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def _flag(default: Any, help: str, flag: str | None = None, **argparse_kw: Any) -> Any:
+    """A dataclass field that is also a cycle setting: ``flag`` (default ``--field-name``),
+    ``help`` and any other ``add_argument`` keywords (type, metavar, choices) in its metadata."""
+    return field(default=default, metadata={"help": help, "flag": flag, "argparse": argparse_kw})
+
+
 @dataclass
 class TrainConfig:
     """The training loop's knobs."""
 
     steps: int = 200
-    batch_size: int = 8
-    lr: float = 1e-3  # AdamW: dense, query and key parameters
-    expert_lr: float = 1e-2  # row-wise sparse optimizer: expert tables
+    batch_size: int = _flag(8, "sequences per batch", type=positive_int, metavar="N")
+    lr: float = _flag(1e-3, "AdamW learning rate (dense, query and key parameters)", type=float)
+    expert_lr: float = _flag(1e-2, "RowAdam learning rate (expert tables)", type=float)
     weight_decay: float = 0.1
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1  # cosine decay floor
@@ -128,29 +159,117 @@ class TrainConfig:
         require(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", "must be in [0, 1]")
 
 
+@dataclass
+class CycleConfig:
+    """One growth cycle: what grows, what trains, on how much data, and the guard."""
+
+    policy: str = _flag("freeze-experts", "full: fine-tune all, no growth; freeze-experts: grow, old experts and keys "
+                        "frozen, dense parts train; freeze-all: grow, only the new rows train", choices=POLICIES)
+    grow_rows: int = _flag(8, "rows added to every PEER layer (ignored by `full`)", type=positive_int, metavar="N")
+    token_budget: int | None = _flag(1_000_000, "new tokens taken from the stream per cycle", "--budget", type=positive_int, metavar="TOKENS")
+    epochs: float = _flag(1.0, "passes over the new data (sets the number of steps)", type=float)
+    replay_ratio: float = _flag(0.0, "share of each batch replayed from earlier streams' committed data", "--replay",
+                                type=float, metavar="RATIO")
+    distill_weight: float = _flag(0.0, "KL-to-previous-version weight on replayed rows (needs --replay)", "--distill",
+                                  type=float, metavar="WEIGHT")
+    distill_temperature: float = _flag(1.0, "softmax temperature of the distillation", type=float, metavar="T")
+    key_init: str = _flag("queries", "new row keys from k-means of the new data's queries, or random", choices=KEY_INITS)
+    eval_tokens: int = _flag(32_768, "held-out tokens per stream (a stable prefix)", type=positive_int, metavar="TOKENS")
+    max_forgetting: float | None = _flag(None, "guard: above this forgetting (nats) the version is kept as candidate/<cycle> "
+                                         "and HEAD does not move", type=float, metavar="NATS")
+    seed: int = _flag(0, "seed of batching, growth and training", type=int)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.train, Mapping):
+            self.train = config_from_dict(TrainConfig, dict(self.train))
+        require(self.policy in POLICIES, "policy", f"must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        require(isinstance(self.grow_rows, int) and self.grow_rows > 0, "grow_rows", f"must be a positive integer, got {self.grow_rows!r}")
+        require(self.token_budget is None or self.token_budget > 0, "token_budget", f"must be positive, got {self.token_budget}")
+        require(0.0 <= self.replay_ratio < 1.0, "replay_ratio", f"must be in [0, 1), got {self.replay_ratio}")
+        require(self.distill_weight >= 0, "distill_weight", "must be >= 0")
+        require(self.distill_temperature > 0, "distill_temperature", "must be positive")
+        require(self.key_init in KEY_INITS, "key_init", f"must be one of {', '.join(KEY_INITS)}, got {self.key_init!r}")
+        require(self.epochs > 0, "epochs", "must be positive")
+        require(self.eval_tokens > 0, "eval_tokens", "must be positive")
+
+
+def _settings_fields() -> dict[str, tuple[type, dataclasses.Field]]:
+    """Every cycle setting by name: CycleConfig's fields and the TrainConfig knobs with a flag."""
+    out: dict[str, tuple[type, dataclasses.Field]] = {}
+    for cls in (CycleConfig, TrainConfig):
+        for f in dataclasses.fields(cls):
+            if "help" in f.metadata:
+                out[f.name] = (cls, f)
+    return out
+
+
+def add_cycle_flags(parser: argparse.ArgumentParser, title: str = "cycle settings") -> None:
+    """Add one flag per cycle setting; each defaults to None (CycleConfig's default or a file's value)."""
+    group = parser.add_argument_group(title, "defaults < --config FILE < these flags")
+    for name, (_, f) in _settings_fields().items():
+        flag = f.metadata["flag"] or "--" + name.replace("_", "-")
+        default = "none" if f.default is None else f.default
+        group.add_argument(flag, dest=name, default=None, help=f"{f.metadata['help']} (default: {default})", **f.metadata["argparse"])
+
+
+def cycle_settings(args: argparse.Namespace | Mapping[str, Any]) -> dict[str, Any]:
+    """The cycle settings given (not None) in parsed flags or a mapping, flat by field name."""
+    data = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
+    return {name: data[name] for name in _settings_fields() if data.get(name) is not None}
+
+
+def cycle_config(settings: argparse.Namespace | Mapping[str, Any] | None = None, file: str | Path | None = None) -> CycleConfig:
+    """Defaults < JSON ``file`` (CycleConfig fields, nested ``train``) < ``settings``.
+
+    ``settings`` are parsed flags of :func:`add_cycle_flags` or a flat mapping of setting
+    names (a scheduled job's); an unknown name raises :class:`ConfigError`.
+    """
+    if isinstance(settings, Mapping):
+        unknown = sorted(set(settings) - set(_settings_fields()))
+        if unknown:
+            raise ConfigError(f"unknown cycle setting(s): {', '.join(unknown)}")
+    given = cycle_settings(settings or {})
+    data = _read_json(file) if file is not None else {}
+    train = dict(data.pop("train", None) or {})
+    for name, value in given.items():
+        (train if _settings_fields()[name][0] is TrainConfig else data)[name] = value
+    return config_from_dict(CycleConfig, {**data, "train": train})
+
+
 def config_to_dict(config: Any) -> dict[str, Any]:
     """A JSON-ready dict of a (nested) config dataclass."""
     return dataclasses.asdict(config)
 
 
-def config_from_dict(cls: type[T], data: dict[str, Any]) -> T:
-    """Build ``cls`` from a dict, rejecting unknown fields by name."""
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(data) - names)
+def config_from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
+    """Build ``cls`` from a dict (nested configs as dicts), rejecting unknown fields by name."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{cls.__name__} must be given as a JSON object, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(f"unknown config field(s) for {cls.__name__}: {', '.join(unknown)}")
-    return cls(**data)
+    kwargs = dict(data)
+    for name, value in data.items():
+        nested = fields[name].default_factory
+        if isinstance(value, Mapping) and dataclasses.is_dataclass(nested):
+            kwargs[name] = config_from_dict(nested, value)  # type: ignore[arg-type]
+    return cls(**kwargs)
+
+
+def _read_json(path: str | Path) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a JSON object")
+    return data
 
 
 def load_config(cls: type[T], path: str | Path | None = None, **overrides: Any) -> T:
     """Defaults < JSON file at ``path`` < ``overrides`` (``None`` values are ignored)."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must hold a JSON object")
+    data = _read_json(path) if path is not None else {}
     data.update({k: v for k, v in overrides.items() if v is not None})
     return config_from_dict(cls, data)

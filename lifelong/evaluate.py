@@ -1,4 +1,4 @@
-"""Continual-learning metrics: the loss matrix, forgetting, transfer, expert usage.
+"""Evaluation: held-out blocks and loss, the loss matrix, forgetting, transfer, expert usage.
 
 ``L[i][j]`` is the held-out loss (nats/token) on stream ``j`` after cycle ``i``; rows are
 versions along HEAD's first-parent chain, each stored in that version's ``metrics["losses"]``.
@@ -19,10 +19,58 @@ from typing import Any
 import numpy as np
 import torch
 
-from .model import PEERLM
-from .train import evaluate_loss
+from streams import StreamRegistry, pack_blocks
 
-__all__ = ["LossMatrix", "loss_matrix", "usage_stats", "continual_metrics", "kl_to_uniform"]
+from .errors import DataError
+from .model import PEERLM
+from .peer import recording
+
+__all__ = [
+    "evaluate_loss", "heldout_blocks", "LossMatrix", "loss_matrix", "stream_order", "expert_usage",
+    "continual_metrics", "kl_to_uniform",
+]
+
+
+def heldout_blocks(registry: StreamRegistry, streams: str | list[str], block_size: int, pad_id: int, max_tokens: int) -> np.ndarray:
+    """Held-out token blocks (n, block_size + 1) int64 of one or more streams.
+
+    Up to ``max_tokens`` of each stream's held-out text (a stable prefix: the split is by
+    document hash), packed into blocks; a stream's last partial block is padded with
+    ``pad_id`` (ignored by the loss). Empty (0, block_size + 1) when there is none.
+    """
+    parts = [np.zeros((0, block_size + 1), dtype=np.int64)]
+    for name in [streams] if isinstance(streams, str) else streams:
+        tokens = registry.heldout(name, max_tokens=max_tokens).tokens
+        if tokens.size:
+            parts.append(pack_blocks(tokens, block_size, pad_id=pad_id, seed=None).astype(np.int64))
+    return np.concatenate(parts)
+
+
+@torch.no_grad()
+def evaluate_loss(model: PEERLM, blocks: np.ndarray, batch_size: int = 8, max_batches: int | None = None) -> float:
+    """Mean next-token cross-entropy (nats) over token blocks (n, L+1), in eval mode."""
+    if len(blocks) == 0:
+        raise DataError("no evaluation blocks")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    try:
+        for b, i in enumerate(range(0, len(blocks), batch_size)):
+            if max_batches is not None and b >= max_batches:
+                break
+            batch = torch.from_numpy(np.ascontiguousarray(blocks[i : i + batch_size])).long().to(device)
+            _, loss = model(batch[:, :-1], batch[:, 1:])
+            n = int((batch[:, 1:] != model.config.pad_id).sum())
+            if n == 0:
+                continue
+            total += float(loss) * n
+            count += n
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise DataError("evaluation blocks hold only padding")
+    return total / count
 
 
 @dataclass
@@ -108,6 +156,16 @@ def loss_matrix(chain: list[Any]) -> LossMatrix:
     )
 
 
+def stream_order(chain: list[Any], cursors: dict[str, Any], stream: str) -> list[str]:
+    """Streams in the order they were first evaluated along ``chain`` (oldest first), then
+    any other stream with a cursor, then ``stream``: the columns of the next matrix row."""
+    seen: list[str] = []
+    for name in [s for v in chain for s in v.metrics.get("losses", {})] + list(cursors) + [stream]:
+        if name not in seen:
+            seen.append(name)
+    return seen
+
+
 def kl_to_uniform(weights: torch.Tensor) -> float:
     """KL(p || uniform) in nats, ``p`` = per-expert accumulated router weight, normalised
     (= log N - H(p); 0 is perfectly even; PEER paper, Table 2). NaN when all weights are 0."""
@@ -119,34 +177,30 @@ def kl_to_uniform(weights: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def usage_stats(
+def expert_usage(
     model: PEERLM,
     blocks: np.ndarray,
     batch_size: int = 8,
     max_batches: int | None = 8,
     counts: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Per PEER layer: share of experts retrieved at least once, and KL(usage || uniform).
+    """Per PEER layer of ``model`` run on ``blocks``: share of experts retrieved at least
+    once, and KL(usage || uniform).
 
-    Usage is the router's accumulated softmax weight per expert on ``blocks`` (paper, Table 2);
-    pass a dict as ``counts`` to receive those (N,) tensors.
+    Usage is the router's accumulated softmax weight per expert (paper, Table 2); pass a dict
+    as ``counts`` to receive those (N,) tensors.
     """
     layers = model.peer_layers()
-    for layer in layers.values():
-        layer.usage = torch.zeros(layer.num_experts, dtype=torch.float64, device=layer.expert_u.device)
-    try:
+    with recording(layers, usage=True) as recs:
         evaluate_loss(model, blocks, batch_size, max_batches)
-        out = {}
-        for name, layer in layers.items():
-            u = layer.usage
-            assert u is not None
-            if counts is not None:
-                counts[name] = u.cpu()
-            out[name] = {"used_share": float((u > 0).double().mean()), "kl_uniform": kl_to_uniform(u), "experts": layer.num_experts}
-        return out
-    finally:
-        for layer in layers.values():
-            layer.usage = None
+    out = {}
+    for name, rec in recs.items():
+        u = rec.usage
+        assert u is not None
+        if counts is not None:
+            counts[name] = u.cpu()
+        out[name] = {"used_share": float((u > 0).double().mean()), "kl_uniform": kl_to_uniform(u), "experts": int(u.numel())}
+    return out
 
 
 def continual_metrics(matrix: LossMatrix) -> dict[str, Any]:

@@ -13,7 +13,6 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from apscheduler.job import Job
@@ -26,43 +25,26 @@ from sqlalchemy import make_url, select
 
 from expert_store import ExpertStore
 
-from .config import TrainConfig
-from .cycle import CycleConfig
+from .audit_report import DEFAULT_MIN_RECALL
+from .config import cycle_config
 from .errors import ConfigError, LifelongError
 from .records import CycleRow, LeaseRow, create_tables, utcnow
 from .workspace import open_registry
 
 __all__ = [
     "JOB_TABLE", "KINDS", "MISFIRE_GRACE_S", "JobInfo", "JobNotFoundError", "add_poll", "add_cycle", "add_audit",
-    "remove_job", "list_jobs", "schedule_status", "cycle_config", "crontab_trigger", "job_store", "edit_jobs",
+    "remove_job", "list_jobs", "schedule_status", "crontab_trigger", "job_store", "edit_jobs",
 ]
 
 JOB_TABLE = "lifelong_jobs"
 KINDS = ("poll", "cycle", "audit")
 MISFIRE_GRACE_S = 300  # a run later than this (scheduler down, busy) is skipped, not run late
 
-_TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)} - {"steps", "seed"}
-_CYCLE_KEYS = {f.name for f in dataclasses.fields(CycleConfig)} - {"train"}
-_RUN_KEYS = ("device", "tensorboard")  # job settings that are run_cycle arguments, not CycleConfig fields
-
 
 class JobNotFoundError(LifelongError):
     """No scheduled job has that id."""
 
     hint = "`lifelong schedule list` shows the job ids"
-
-
-# ------------------------------------------------------------------------------ settings
-def cycle_config(settings: Mapping[str, Any] | None) -> CycleConfig:
-    """A ``CycleConfig`` from a job's flat settings (CycleConfig fields + TrainConfig knobs)."""
-    settings = dict(settings or {})
-    for key in _RUN_KEYS:
-        settings.pop(key, None)
-    unknown = sorted(set(settings) - _CYCLE_KEYS - _TRAIN_KEYS)
-    if unknown:
-        raise ConfigError(f"unknown cycle setting(s) {', '.join(unknown)}")
-    train = {k: settings.pop(k) for k in list(settings) if k not in _CYCLE_KEYS}
-    return CycleConfig(**settings, train=TrainConfig(**train))
 
 
 _DOW = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
@@ -130,13 +112,9 @@ def describe_trigger(trigger: Any) -> str:
 
 # ------------------------------------------------------------------------------ job store
 def _store_ref(store: ExpertStore) -> dict[str, Any]:
-    """Plain kwargs that reopen ``store`` in another process: its path, and its URL only
-    when the database is not the default ``store.db`` inside it."""
-    url = store.engine.url
-    path = Path(store.path).resolve()
-    if url.get_backend_name() == "sqlite" and url.database and Path(url.database).resolve() == path / "store.db":
-        return {"store": str(path), "url": None}
-    return {"store": str(path), "url": url.render_as_string(hide_password=False)}
+    """Plain kwargs that reopen ``store`` in another process: its path, and its database URL
+    when it is not the store's default one."""
+    return {"store": str(store.path.resolve()), "url": store.url}
 
 
 def job_store(store: ExpertStore) -> SQLAlchemyJobStore:
@@ -149,7 +127,7 @@ class _Admin(BaseScheduler):
     def wakeup(self) -> None:
         pass
 
-    def shutdown(self, wait: bool = True) -> None:
+    def shutdown(self, wait: bool = True) -> None:  # abstract in BaseScheduler: needed to instantiate
         super().shutdown(wait)
 
     def _process_jobs(self):  # type: ignore[override]
@@ -206,37 +184,41 @@ def _add(store: ExpertStore, job_id: str, func: str, trigger: Any, kwargs: dict[
         return JobInfo.from_job(job, replaced)
 
 
-def _check_stream(store: ExpertStore, stream: str, settings: Mapping[str, Any] | None) -> dict[str, Any]:
-    open_registry(store, progress=False).get(stream)  # unknown stream: clear error now, not at 3 am
-    cfg = cycle_config(settings)
-    return {k: v for k, v in (settings or {}).items() if v is not None} | {"policy": cfg.policy}
+def _cycle_kwargs(store: ExpertStore, stream: str, settings: Mapping[str, Any] | None, device: str | None,
+                  tensorboard: bool) -> dict[str, Any]:
+    """A cycle job's kwargs; the stream and the settings are checked now, not at 3 am."""
+    open_registry(store, progress=False).get(stream)
+    settings = {k: v for k, v in (settings or {}).items() if v is not None}
+    cycle_config(settings)  # unknown or invalid settings fail here
+    return {**_store_ref(store), "stream": stream, "settings": settings, "device": device, "tensorboard": bool(tensorboard)}
 
 
 def add_poll(store: ExpertStore, stream: str, *, every_s: float, min_tokens: int, settings: Mapping[str, Any] | None = None,
-             misfire_grace_s: float | None = MISFIRE_GRACE_S) -> JobInfo:
-    """Every ``every_s`` seconds: a cycle on ``stream`` when >= ``min_tokens`` tokens are pending."""
+             device: str | None = None, tensorboard: bool = True, misfire_grace_s: float | None = MISFIRE_GRACE_S) -> JobInfo:
+    """Every ``every_s`` seconds: a cycle on ``stream`` when >= ``min_tokens`` tokens are pending.
+
+    ``settings`` are cycle settings by name (:func:`lifelong.config.cycle_config`)."""
     if min_tokens < 1:
         raise ConfigError(f"min_tokens must be >= 1, got {min_tokens}")
-    s = _check_stream(store, stream, settings)
-    name = f"cycle on '{stream}' when >= {min_tokens} tokens are pending (policy {s['policy']})"
-    kw = {**_store_ref(store), "stream": stream, "min_tokens": int(min_tokens), "settings": s}
+    kw = _cycle_kwargs(store, stream, settings, device, tensorboard) | {"min_tokens": int(min_tokens)}
+    name = f"cycle on '{stream}' when >= {min_tokens} tokens are pending (policy {cycle_config(kw['settings']).policy})"
     return _add(store, f"poll:{stream}", "lifelong.scheduler:poll_job", _trigger(every_s, None), kw, name, misfire_grace_s)
 
 
 def add_cycle(store: ExpertStore, stream: str, *, every_s: float | None = None, cron: str | None = None,
-              settings: Mapping[str, Any] | None = None, misfire_grace_s: float | None = MISFIRE_GRACE_S) -> JobInfo:
+              settings: Mapping[str, Any] | None = None, device: str | None = None, tensorboard: bool = True,
+              misfire_grace_s: float | None = MISFIRE_GRACE_S) -> JobInfo:
     """A cycle on ``stream`` every ``every_s`` seconds or on a crontab (``"0 3 * * *"``)."""
-    s = _check_stream(store, stream, settings)
-    kw = {**_store_ref(store), "stream": stream, "settings": s}
-    name = f"cycle on '{stream}' (policy {s['policy']})"
+    kw = _cycle_kwargs(store, stream, settings, device, tensorboard)
+    name = f"cycle on '{stream}' (policy {cycle_config(kw['settings']).policy})"
     return _add(store, f"cycle:{stream}", "lifelong.scheduler:cycle_job", _trigger(every_s, cron), kw, name, misfire_grace_s)
 
 
 def add_audit(store: ExpertStore, *, every_s: float | None = None, cron: str | None = None, max_queries: int = 2048,
-              min_recall: float = 1.0, misfire_grace_s: float | None = MISFIRE_GRACE_S) -> JobInfo:
+              min_recall: float = DEFAULT_MIN_RECALL, misfire_grace_s: float | None = MISFIRE_GRACE_S) -> JobInfo:
     """Audit HEAD's retrieval on held-out text once per new HEAD version (checked on a schedule)."""
     kw = {**_store_ref(store), "max_queries": int(max_queries), "min_recall": float(min_recall)}
-    name = f"audit each new HEAD ({max_queries} query tokens, min recall {min_recall:g})"
+    name = f"audit each new HEAD ({max_queries} query tokens, min recall {min_recall:.7g})"
     return _add(store, "audit", "lifelong.scheduler:audit_job", _trigger(every_s, cron), kw, name, misfire_grace_s)
 
 

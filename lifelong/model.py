@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from streams import ByteTokenizer
 
 from .config import ModelConfig
 from .errors import ConfigError
 from .peer import PEERLayer
 
-__all__ = ["PEERLM", "ParamGroups"]
+__all__ = ["PEERLM", "ParamGroups", "resolve_device", "sample_text"]
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """``device`` as a torch device; None picks CUDA when there is one, else the CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
 
 
 class CausalSelfAttention(nn.Module):
@@ -146,3 +157,14 @@ class PEERLM(nn.Module):
         finally:
             self.train(was_training)
         return idx
+
+
+def sample_text(model: PEERLM, prompt: str | Sequence[int], tokens: int, *, temperature: float = 0.8,
+                top_k: int | None = 20, seed: int = 0) -> str:
+    """Continue ``prompt`` (text or token ids) by ``tokens`` byte tokens; the whole text."""
+    tok = ByteTokenizer()
+    device = next(model.parameters()).device
+    ids = (tok.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]) or [tok.bos_id]  # empty: start at BOS
+    out = model.generate(torch.tensor([ids], device=device), tokens, temperature=temperature, top_k=top_k,
+                         generator=torch.Generator(device).manual_seed(seed))
+    return tok.decode(out[0].cpu().numpy())

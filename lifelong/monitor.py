@@ -48,11 +48,9 @@ class Monitor:
         for layer, u in metrics.get("usage", {}).items():
             w.add_scalar(f"usage/{layer}/used_percent", 100.0 * u["used_share"], cycle)
             w.add_scalar(f"usage/{layer}/kl_uniform", u["kl_uniform"], cycle)
-        if model is not None:
-            resident = sum(b.numel() * b.element_size() for b in model.buffers()) + sum(
-                p.numel() * p.element_size() for p in model.parameters()
-            )
-            w.add_scalar("cycle/resident_bytes", resident, cycle)
+        if model is not None:  # parameters and buffers (expert tables included) of the model in memory
+            size = sum(t.numel() * t.element_size() for t in [*model.buffers(), *model.parameters()])
+            w.add_scalar("cycle/model_bytes", size, cycle)
         for name, counts in (usage_counts or {}).items():
             w.add_histogram(f"usage_hist/{name}", counts.float(), cycle)
         if sample:
@@ -60,7 +58,7 @@ class Monitor:
         w.flush()
 
     def audit(self, version: int, report: Any) -> None:
-        """Audit figures (a :class:`lifelong.audit.AuditReport`) at step = version id."""
+        """Audit figures (a :class:`lifelong.audit_report.AuditReport`) at step = version id."""
         stats = {"total": report.total, **{name: a.total for name, a in report.layers.items()}}
         for name, st in stats.items():
             for key in ("recall", "recall_up_to_ties", "exact_match_share", "rank_agreement", "max_score_diff"):

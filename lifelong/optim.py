@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .errors import ConfigError
 from .peer import PEERLayer
 
 __all__ = ["RowAdam"]
@@ -22,9 +23,9 @@ class RowAdam:
 
     def __init__(self, layers: list[PEERLayer], lr: float = 1e-2, beta2: float = 0.999, eps: float = 1e-8):
         if lr <= 0:
-            raise ValueError(f"invalid RowAdam 'lr': must be positive, got {lr}")
+            raise ConfigError(f"invalid RowAdam 'lr': must be positive, got {lr}")
         if not 0.0 <= beta2 < 1.0:
-            raise ValueError(f"invalid RowAdam 'beta2': must be in [0, 1), got {beta2}")
+            raise ConfigError(f"invalid RowAdam 'beta2': must be in [0, 1), got {beta2}")
         self.layers = list(layers)
         self.lr = lr
         self.beta2 = beta2
@@ -49,18 +50,11 @@ class RowAdam:
         self.state[i] = (start, second, steps)
         return self.state[i]
 
-    def zero_grad(self) -> None:
-        for layer in self.layers:
-            layer.grads.clear()
-
     @torch.no_grad()
     def step(self) -> int:
         """Apply the collected row gradients; returns the number of rows updated."""
         updated = 0
         for i, layer in enumerate(self.layers):
-            for shard in layer.shards:  # trainable shards change: no longer the stored ones
-                if not shard.frozen:
-                    shard.store_id = None
             popped = layer.grads.pop()
             if popped is None:
                 continue

@@ -4,27 +4,24 @@ Notation: ``T`` tokens, ``h`` heads, ``k`` experts per head, ``S = h * k`` slots
 ``d`` = d_model, ``dk`` = d_key, ``n1`` x ``n2`` the expert grid, ``N = n1 * n2`` experts.
 Expert ``i * n2 + j`` sits at row ``i`` and column ``j``; its full key is ``[C1_i ; C2_j]``.
 
-Efficiency (DESIGN.md section 4):
+Efficiency (DESIGN.md section 4): retrieval is exact product-key top-k with a sparse
+backward for the sub-key scores (only selected keys get gradient); the experts are mixed by
+:class:`lifelong.experts.ExpertMix` without gathered weight tensors. The expert tables are
+buffers: backward collects row gradients of the *trainable* id range only (ids >=
+``trainable_start``) and :class:`lifelong.optim.RowAdam` applies them, so frozen experts
+cost no gradient, no optimizer state and no optimizer work, and are never written
+(bit-identical). Growth appends rows at the end of the grid, so the newest shard is always
+the highest ids and "trainable" is one contiguous id range.
 
-- :class:`ExpertMix` never keeps a ``(T, h, k, d)`` gathered weight tensor: the value side is
-  a fused gather-sum (``embedding_bag`` with ``per_sample_weights``), the ``u`` side is
-  gathered in small chunks into one reused workspace, and backward recomputes instead of
-  storing. Only ``(T, S)`` tensors are saved for backward.
-- The expert tables ``u`` and ``v`` are buffers, not autograd leaves. Backward aggregates
-  gradients only for the touched rows of the *trainable* range (ids >= ``trainable_start``)
-  and hands them to :class:`ExpertGrads`; :class:`lifelong.optim.RowAdam` applies them.
-  Frozen experts therefore cost no gradient, no optimizer state and no optimizer work, and
-  are never written (bit-identical).
-- Growth appends rows at the end of the grid, so the newest shard is always the highest ids
-  and "trainable" is one contiguous id range.
+Nothing here knows about storage: :mod:`lifelong.checkpoint` maps row ranges to stored shards.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -33,10 +30,9 @@ from torch import Tensor, nn
 
 from .config import PEERConfig
 from .errors import ConfigError
+from .experts import ExpertGrads, ExpertMix, group_rows, row_sums
 
-__all__ = ["PEERLayer", "ExpertMix", "ExpertGrads", "product_key_topk"]
-
-_CHUNK_TOKENS = 32  # tokens per gather chunk: (32, S, d) float32 is 4 MiB at S=128, d=256
+__all__ = ["PEERLayer", "Shard", "Recording", "recording", "product_key_topk"]
 
 
 class _SubKeyScores(torch.autograd.Function):
@@ -60,8 +56,8 @@ class _SubKeyScores(torch.autograd.Function):
         dkeys = None
         if ctx.needs_input_grad[1]:
             dkeys = torch.zeros_like(keys)
-            groups = _group_rows(idx, 0)
-            dkeys[groups[0]] = _row_sums(groups, ds, q)  # (R, dh): only selected keys
+            groups = group_rows(idx, 0)
+            dkeys[groups[0]] = row_sums(groups, ds, q)  # (R, dh): only selected keys
         return dq, dkeys, None, None
 
 
@@ -99,158 +95,6 @@ def product_key_topk(
     return scores, rows * n2 + cols
 
 
-def _gathered_dot_eager(table: Tensor, ids: Tensor, x: Tensor) -> Tensor:
-    """Chunked gather into one reused (chunk, S, d) workspace, then a batched dot."""
-    T, S = ids.shape
-    d = table.shape[1]
-    out = x.new_empty(T, S)
-    chunk = min(_CHUNK_TOKENS, T)
-    work = table.new_empty(chunk, S, d)  # (c, S, d), reused for every chunk
-    for t0 in range(0, T, chunk):
-        t1 = min(t0 + chunk, T)
-        buf = work[: t1 - t0]
-        torch.index_select(table, 0, ids[t0:t1].reshape(-1), out=buf.view(-1, d))
-        out[t0:t1] = torch.linalg.vecdot(buf, x[t0:t1].unsqueeze(1))  # (c, S)
-    return out
-
-
-def _gathered_dot_fused(table: Tensor, ids: Tensor, x: Tensor) -> Tensor:
-    # Compiled by inductor into one loop that reads each gathered row once: no (T, S, d) tensor.
-    return (table[ids] * x[:, None, :]).sum(-1)
-
-
-_FUSED: dict[str, object] = {"fn": None, "failed": False}
-_FUSED_MIN_ELEMENTS = 1 << 24  # below this the eager path is as fast and compiling is not worth it
-
-
-def _gathered_dot(table: Tensor, ids: Tensor, x: Tensor) -> Tensor:
-    """out[t, s] = table[ids[t, s]] . x[t]. table: (N, d); ids: (T, S); x: (T, d) -> (T, S).
-
-    Large calls use a ``torch.compile``d fused kernel (set ``LIFELONG_COMPILE=0`` to disable;
-    any compile failure falls back to eager for the rest of the process). The eager path's
-    peak extra memory is one (chunk, S, d) workspace.
-    """
-    if (
-        ids.numel() * table.shape[1] >= _FUSED_MIN_ELEMENTS
-        and not _FUSED["failed"]
-        and os.environ.get("LIFELONG_COMPILE", "1") != "0"
-    ):
-        try:
-            if _FUSED["fn"] is None:
-                _FUSED["fn"] = torch.compile(_gathered_dot_fused, dynamic=True)
-            return _FUSED["fn"](table, ids, x)  # type: ignore[operator]
-        except Exception as exc:  # no C++ compiler, unsupported platform, ...
-            warnings.warn(f"torch.compile of the PEER gather-dot failed ({exc!r}); using the eager path")
-            _FUSED["failed"] = True
-    return _gathered_dot_eager(table, ids, x)
-
-
-def _group_rows(ids: Tensor, start: int) -> tuple[Tensor, Tensor, Tensor] | None:
-    """Group the (T, S) slots by expert id, keeping ids >= start.
-
-    Returns (rows (R,), offsets (R,), src (M,)): the unique ids, where each one's run starts in
-    ``src``, and ``src`` = flat slot positions sorted by id. None if no id is >= start.
-    """
-    flat = ids.reshape(-1)  # (T*S,)
-    sel = None
-    if start > 0:
-        sel = (flat >= start).nonzero().squeeze(1)  # (M,)
-        if sel.numel() == 0:
-            return None
-        flat = flat[sel]
-    sorted_ids, perm = torch.sort(flat)  # (M,)
-    rows, counts = torch.unique_consecutive(sorted_ids, return_counts=True)  # (R,)
-    offsets = torch.zeros_like(counts)
-    offsets[1:] = counts.cumsum(0)[:-1]
-    src = perm if sel is None else sel[perm]  # positions in the flat (T*S,) view
-    return rows, offsets, src
-
-
-def _row_sums(groups: tuple[Tensor, Tensor, Tensor], coef: Tensor, x: Tensor) -> Tensor:
-    """For each grouped id r: sum over its slots (t, s) of coef[t, s] * x[t] -> (R, d).
-
-    coef: (T, S); x: (T, d). One fused gather-sum (embedding_bag over x): no (T*S, d) tensor.
-    """
-    _, offsets, src = groups
-    tokens = torch.div(src, coef.shape[1], rounding_mode="floor")  # (M,)
-    return F.embedding_bag(tokens, x, offsets, mode="sum", per_sample_weights=coef.reshape(-1)[src])
-
-
-class ExpertGrads:
-    """Collects row gradients of the trainable expert range between optimizer steps."""
-
-    def __init__(self) -> None:
-        self.start = 0  # first trainable expert id
-        self.entries: list[tuple[Tensor, Tensor, Tensor]] = []  # (rows, grad_u, grad_v)
-
-    def add(self, rows: Tensor, grad_u: Tensor, grad_v: Tensor) -> None:
-        self.entries.append((rows, grad_u, grad_v))
-
-    def pop(self) -> tuple[Tensor, Tensor, Tensor] | None:
-        """The summed gradients since the last pop: (unique rows, grad_u, grad_v)."""
-        entries, self.entries = self.entries, []
-        if not entries:
-            return None
-        if len(entries) == 1:
-            return entries[0]
-        rows = torch.cat([e[0] for e in entries])
-        uniq, inv = torch.unique(rows, return_inverse=True)
-        gu = entries[0][1].new_zeros(len(uniq), entries[0][1].shape[1])
-        gv = torch.zeros_like(gu)
-        gu.index_add_(0, inv, torch.cat([e[1] for e in entries]))
-        gv.index_add_(0, inv, torch.cat([e[2] for e in entries]))
-        return uniq, gu, gv
-
-    def clear(self) -> None:
-        self.entries = []
-
-
-def _act(a: Tensor, name: str) -> Tensor:
-    return F.gelu(a) if name == "gelu" else F.relu(a)
-
-
-def _act_grad(a: Tensor, name: str) -> Tensor:
-    if name == "relu":
-        return (a > 0).to(a.dtype)
-    cdf = 0.5 * (1.0 + torch.erf(a * (1.0 / math.sqrt(2.0))))
-    pdf = torch.exp(-0.5 * a * a) * (1.0 / math.sqrt(2.0 * math.pi))
-    return cdf + a * pdf
-
-
-class ExpertMix(torch.autograd.Function):
-    """y[t] = sum_s g[t, s] * act(u[ids[t, s]] . x[t]) * v[ids[t, s]].
-
-    x: (T, d); g: (T, S); ids: (T, S); u, v: (N, d) -> y: (T, d).
-    Saves only (T, S) tensors; expert-table gradients go to ``sink`` (rows >= sink.start).
-    """
-
-    @staticmethod
-    def forward(ctx, x, g, ids, u, v, activation: str, sink: ExpertGrads | None, anchor):  # type: ignore[override]
-        a = _gathered_dot(u, ids, x)  # (T, S) pre-activations u . x
-        w = g * _act(a, activation)  # (T, S) weight of each v row
-        y = F.embedding_bag(ids, v, mode="sum", per_sample_weights=w)  # (T, d) fused gather-sum
-        ctx.save_for_backward(x, g, ids, a, u, v)
-        ctx.activation = activation
-        ctx.sink = sink
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):  # type: ignore[override]
-        x, g, ids, a, u, v = ctx.saved_tensors
-        dy = dy.contiguous()
-        z = _act(a, ctx.activation)  # (T, S)
-        b = _gathered_dot(v, ids, dy)  # (T, S) = v[ids] . dy
-        dg = b * z  # (T, S)
-        da = b * g * _act_grad(a, ctx.activation)  # (T, S)
-        dx = F.embedding_bag(ids, u, mode="sum", per_sample_weights=da)  # (T, d) fused gather-sum
-        sink: ExpertGrads | None = ctx.sink
-        if sink is not None:
-            groups = _group_rows(ids, sink.start)  # touched trainable rows, once for u and v
-            if groups is not None:
-                sink.add(groups[0], _row_sums(groups, da, x), _row_sums(groups, g * z, dy))  # (R,), (R, d) x2
-        return dx, dg, None, None, None, None, None, None
-
-
 @dataclass
 class Shard:
     """A block of rows [row_start, row_end) of the grid: the unit of growth and storage."""
@@ -258,7 +102,14 @@ class Shard:
     row_start: int
     row_end: int
     frozen: bool = False
-    store_id: int | None = None  # shard id in the expert store, once committed unchanged
+
+
+@dataclass
+class Recording:
+    """What a PEER layer records while :meth:`PEERLayer.record` is active."""
+
+    queries: list[Tensor] | None = None  # one (T, h, dk) tensor per forward (after BatchNorm)
+    usage: Tensor | None = None  # (N,) float64 router weight accumulated per expert
 
 
 class PEERLayer(nn.Module):
@@ -287,8 +138,7 @@ class PEERLayer(nn.Module):
         self.shards: list[Shard] = [Shard(0, c.n_rows)]
         self.grads = ExpertGrads()
         self.query_frozen = False
-        self.capture: list[Tensor] | None = None  # set to a list to record queries (audit)
-        self.usage: Tensor | None = None  # set to zeros(N) to accumulate router scores
+        self._recording: Recording | None = None
 
     # ----------------------------------------------------------------------------- init
     def _init_keys(self, rows: int, device, dtype) -> Tensor:
@@ -354,12 +204,14 @@ class PEERLayer(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, c.d_model)  # (T, d)
         q = self.queries(x2)  # (T, h, dk)
-        if self.capture is not None:
-            self.capture.append(q.detach())
         scores, ids = self.retrieve(q)  # (T, h, k)
         g = scores.softmax(-1) if c.score == "softmax" else scores.sigmoid()  # (T, h, k)
-        if self.usage is not None:
-            self.usage.index_add_(0, ids.reshape(-1), g.detach().reshape(-1).to(self.usage.dtype))
+        rec = self._recording
+        if rec is not None:
+            if rec.queries is not None:
+                rec.queries.append(q.detach())
+            if rec.usage is not None:
+                rec.usage.index_add_(0, ids.reshape(-1), g.detach().reshape(-1).to(rec.usage.dtype))
         train_experts = torch.is_grad_enabled() and self.training and self.trainable_start < self.num_experts
         self.grads.start = self.trainable_start
         anchor = x2.new_empty(0).requires_grad_() if train_experts else None
@@ -374,6 +226,24 @@ class PEERLayer(nn.Module):
             anchor,
         )
         return y.view(shape)
+
+    # ---------------------------------------------------------------------- recording
+    @contextmanager
+    def record(self, *, queries: bool = False, usage: bool = False) -> Iterator[Recording]:
+        """Record this layer's queries and/or router usage for the forwards run inside.
+
+        ``usage`` accumulates each expert's router weight over the experts that exist on
+        entry (PEER paper Table 2). The previous recording (if nested) is restored on exit.
+        """
+        rec = Recording(
+            queries=[] if queries else None,
+            usage=torch.zeros(self.num_experts, dtype=torch.float64, device=self.expert_u.device) if usage else None,
+        )
+        saved, self._recording = self._recording, rec
+        try:
+            yield rec
+        finally:
+            self._recording = saved
 
     # ------------------------------------------------------------------ growth/freezing
     @torch.no_grad()
@@ -460,3 +330,10 @@ class PEERLayer(nn.Module):
             f"d_model={c.d_model}, heads={c.heads}, top_k={c.top_k}, d_key={c.d_key}, "
             f"grid={self.n_rows}x{self.n_cols} ({self.num_experts} experts, {self.frozen_rows} rows frozen)"
         )
+
+
+@contextmanager
+def recording(layers: Mapping[str, PEERLayer], *, queries: bool = False, usage: bool = False) -> Iterator[dict[str, Recording]]:
+    """:meth:`PEERLayer.record` on several layers at once: ``{name: Recording}``."""
+    with ExitStack() as stack:
+        yield {name: stack.enter_context(layer.record(queries=queries, usage=usage)) for name, layer in layers.items()}

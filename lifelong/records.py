@@ -1,4 +1,7 @@
-"""`lifelong`'s own tables on the store's database: cycles, audits, and the cycle lease.
+"""`lifelong`'s own tables on the store's database: cycles, audits, and the leases.
+
+Every SQL statement on these tables is here: the cycle rows (:func:`start_cycle`,
+:func:`finish_cycle`), the audit rows (:func:`record_audit`, :func:`is_audited`) and the lease.
 
 The lease is one row per name: a second cycle (another process, the scheduler, the CLI)
 finds it held and waits or refuses with the holder's name. An expired lease (its holder died
@@ -21,7 +24,10 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from .errors import LifelongError
 
-__all__ = ["Base", "CycleRow", "AuditRow", "Lease", "LeaseHeldError", "create_tables", "holder_name", "utcnow"]
+__all__ = [
+    "Base", "CycleRow", "AuditRow", "LeaseRow", "Lease", "LeaseHeldError", "create_tables", "holder_name", "utcnow",
+    "start_cycle", "finish_cycle", "record_audit", "is_audited",
+]
 
 
 class Base(DeclarativeBase):
@@ -66,6 +72,40 @@ class LeaseRow(Base):
 
 def create_tables(engine: Engine) -> None:
     Base.metadata.create_all(engine)
+
+
+def start_cycle(engine: Engine, *, stream: str, policy: str, parent: int, holder: str) -> int:
+    """Insert a 'running' cycle row and return its id. Call it holding the cycle lease: any
+    other 'running' row then belongs to a process that died holding it (SIGKILL, power
+    loss) before recording an outcome, and is marked 'abandoned' in the same transaction."""
+    create_tables(engine)
+    with engine.begin() as conn:
+        conn.execute(
+            update(CycleRow)
+            .where(CycleRow.status == "running")
+            .values(status="abandoned", finished_at=utcnow(), detail={"error": "its process died before recording an outcome"})
+        )
+        return int(conn.execute(
+            insert(CycleRow).values(stream=stream, policy=policy, status="running", started_at=utcnow(), parent_version=parent, holder=holder)
+        ).inserted_primary_key[0])
+
+
+def finish_cycle(engine: Engine, cycle_id: int, status: str, *, version: int | None = None, detail: dict[str, Any] | None = None) -> None:
+    """Record a cycle's outcome: committed | candidate | failed | interrupted."""
+    with engine.begin() as conn:
+        conn.execute(update(CycleRow).where(CycleRow.id == cycle_id).values(status=status, finished_at=utcnow(), version=version, detail=detail))
+
+
+def record_audit(engine: Engine, version: int, queries: int, recall: float, report: dict[str, Any]) -> None:
+    create_tables(engine)
+    with engine.begin() as conn:
+        conn.execute(insert(AuditRow).values(version=version, created_at=utcnow(), queries=queries, recall=recall, report=report))
+
+
+def is_audited(engine: Engine, version: int) -> bool:
+    create_tables(engine)
+    with engine.connect() as conn:
+        return conn.execute(select(AuditRow.id).where(AuditRow.version == version)).first() is not None
 
 
 def holder_name(role: str = "cli") -> str:

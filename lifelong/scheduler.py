@@ -2,14 +2,14 @@
 
 Jobs live in an APScheduler ``SQLAlchemyJobStore`` (table ``lifelong_jobs``) on the
 store's own database, so they survive restarts and can be added or removed while no
-scheduler runs (:mod:`lifelong.jobstore`; re-exported here). Each job is a module-level function named by textual reference
+scheduler runs (:mod:`lifelong.jobstore`). Each job is a module-level function named by textual reference
 (``lifelong.scheduler:poll_job``) with plain kwargs (store path, stream, settings), and
 does nothing but decide whether a cycle is due and call ``run_cycle``:
 
 - ``poll:<stream>``  -- every N seconds: a cycle when the stream's pending tokens (after
   HEAD's committed cursor) reach a threshold;
 - ``cycle:<stream>`` -- a cycle on an interval or a crontab;
-- ``audit``          -- audit HEAD's retrieval (:func:`lifelong.audit.audit_model`) once per
+- ``audit``          -- audit HEAD's retrieval (:func:`lifelong.audit_version.audit_version`) once per
   new HEAD version, results in ``lifelong_audits``.
 
 Cycles are serialised by the database lease ``cycle`` (taken by ``run_cycle``, shared with
@@ -35,37 +35,17 @@ from apscheduler.jobstores.base import JobLookupError
 from apscheduler.jobstores.memory import MemoryJobStore
 from apscheduler.schedulers.base import STATE_STOPPED, BaseScheduler
 from apscheduler.schedulers.blocking import BlockingScheduler
-from sqlalchemy import select
 
 from expert_store import ExpertStore
 
+from .audit_report import DEFAULT_MIN_RECALL
+from .config import cycle_config
 from .cycle import CycleInterrupted, NothingPendingError, run_cycle
-from .jobstore import (
-    JOB_TABLE,
-    KINDS,
-    MISFIRE_GRACE_S,
-    JobInfo,
-    JobNotFoundError,
-    add_audit,
-    add_cycle,
-    add_poll,
-    crontab_trigger,
-    cycle_config,
-    edit_jobs,
-    job_store,
-    list_jobs,
-    remove_job,
-    schedule_status,
-)
-from .records import AuditRow, Lease, LeaseHeldError, create_tables, holder_name
+from .jobstore import edit_jobs, job_store, list_jobs
+from .records import Lease, LeaseHeldError, create_tables, holder_name, is_audited
 from .workspace import open_registry, tensorboard_dir
 
-__all__ = [
-    "JOB_TABLE", "KINDS", "MISFIRE_GRACE_S", "JobInfo", "JobNotFoundError",
-    "add_poll", "add_cycle", "add_audit", "remove_job", "list_jobs", "schedule_status",
-    "run_scheduler", "request_stop", "stop_requested", "cycle_config", "crontab_trigger",
-    "poll_job", "cycle_job", "audit_job",
-]
+__all__ = ["run_scheduler", "request_stop", "stop_requested", "poll_job", "cycle_job", "audit_job"]
 
 log = logging.getLogger("lifelong.scheduler")
 
@@ -85,15 +65,14 @@ def stop_requested() -> bool:
 
 
 # ------------------------------------------------------------------------------ jobs
-def _cycle(st: ExpertStore, stream: str, settings: Mapping[str, Any] | None, job: str) -> dict[str, Any]:
-    settings = settings or {}
+def _cycle(st: ExpertStore, stream: str, settings: Mapping[str, Any] | None, job: str, device: str | None, tensorboard: bool) -> dict[str, Any]:
     monitor = None
-    if settings.get("tensorboard", True):
+    if tensorboard:
         from .monitor import Monitor
 
         monitor = Monitor(tensorboard_dir(st))
     try:
-        r = run_cycle(st, open_registry(st, progress=False), stream, cycle_config(settings), device=settings.get("device"), monitor=monitor,
+        r = run_cycle(st, open_registry(st, progress=False), stream, cycle_config(settings), device=device, monitor=monitor,
                       progress=False, should_stop=_stop.is_set, holder=holder_name("scheduler"), log=log.info)
     except LeaseHeldError as exc:
         log.warning("%s: skipped: %s", job, exc)
@@ -112,7 +91,8 @@ def _cycle(st: ExpertStore, stream: str, settings: Mapping[str, Any] | None, job
     return {"status": status, "cycle": r.cycle_id, "version": r.version, "ref": r.ref}
 
 
-def poll_job(store: str, stream: str, min_tokens: int, settings: dict[str, Any] | None = None, url: str | None = None) -> dict[str, Any]:
+def poll_job(store: str, stream: str, min_tokens: int, settings: dict[str, Any] | None = None, url: str | None = None,
+             device: str | None = None, tensorboard: bool = True) -> dict[str, Any]:
     """Run a cycle on ``stream`` if at least ``min_tokens`` tokens are pending after HEAD's cursor."""
     job = f"poll:{stream}"
     if _stop.is_set():
@@ -125,31 +105,30 @@ def poll_job(store: str, stream: str, min_tokens: int, settings: dict[str, Any] 
             log.info("%s: %d tokens pending < %d: no cycle", job, tokens, min_tokens)
             return {"status": "below-threshold", "pending_tokens": tokens}
         log.info("%s: %d tokens pending >= %d: starting a cycle", job, tokens, min_tokens)
-        return {**_cycle(st, stream, settings, job), "pending_tokens": tokens}
+        return {**_cycle(st, stream, settings, job, device, tensorboard), "pending_tokens": tokens}
 
 
-def cycle_job(store: str, stream: str, settings: dict[str, Any] | None = None, url: str | None = None) -> dict[str, Any]:
+def cycle_job(store: str, stream: str, settings: dict[str, Any] | None = None, url: str | None = None,
+              device: str | None = None, tensorboard: bool = True) -> dict[str, Any]:
     """Run a cycle on ``stream`` (the schedule says it is due)."""
     if _stop.is_set():
         return {"status": "stopping"}
     with ExpertStore.open(store, url=url) as st:
-        return _cycle(st, stream, settings, f"cycle:{stream}")
+        return _cycle(st, stream, settings, f"cycle:{stream}", device, tensorboard)
 
 
-def audit_job(store: str, url: str | None = None, max_queries: int = 2048, min_recall: float = 1.0) -> dict[str, Any]:
+def audit_job(store: str, url: str | None = None, max_queries: int = 2048, min_recall: float = DEFAULT_MIN_RECALL) -> dict[str, Any]:
     """Audit HEAD's product-key retrieval against FAISS exact search, once per HEAD version."""
-    from .audit import AuditError
-    from .auditing import audit_version
+    from .audit_report import AuditError
+    from .audit_version import audit_version
 
     if _stop.is_set():
         return {"status": "stopping"}
     with ExpertStore.open(store, url=url) as st:
         head = st.head()
-        create_tables(st.engine)
-        with st.engine.connect() as conn:
-            if conn.execute(select(AuditRow.id).where(AuditRow.version == head)).first() is not None:
-                log.info("audit: version %s is already audited", head)
-                return {"status": "already-audited", "version": head}
+        if head is not None and is_audited(st.engine, head):
+            log.info("audit: version %s is already audited", head)
+            return {"status": "already-audited", "version": head}
         try:
             report = audit_version(st, open_registry(st, progress=False), head, max_queries=max_queries, progress=False)
         except AuditError as exc:

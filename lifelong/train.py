@@ -1,4 +1,4 @@
-"""The training loop, written out in one function, plus evaluation loss and batching."""
+"""The training loop, written out in one function, and the batches it eats."""
 
 from __future__ import annotations
 
@@ -14,10 +14,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .config import TrainConfig
+from .errors import DataError
+from .evaluate import evaluate_loss
 from .model import PEERLM
 from .optim import RowAdam
 
-__all__ = ["train", "evaluate_loss", "random_batches", "TrainResult", "lr_factor"]
+__all__ = ["train", "random_batches", "mixed_batches", "TrainResult", "lr_factor"]
 
 
 @dataclass
@@ -28,6 +30,8 @@ class TrainResult:
     tokens: int = 0
     seconds: float = 0.0
     eval_losses: list[tuple[int, float]] = field(default_factory=list)
+    replayed_rows: int = 0  # batch rows marked as replay
+    distilled_rows: int = 0  # replayed rows that also paid the distillation loss
     optimizer_state: dict[str, Tensor] = field(default_factory=dict)  # flat, safetensors-ready
     resumed_optimizer: bool = False
 
@@ -39,7 +43,7 @@ class TrainResult:
 def random_batches(blocks: np.ndarray, batch_size: int, seed: int) -> Iterator[Tensor]:
     """Endless (B, L+1) batches drawn from token blocks (n, L+1) in a seeded shuffled order."""
     if len(blocks) == 0:
-        raise ValueError("no training blocks: the data is too small for one block")
+        raise DataError("no training blocks: the data is too small for one block")
     rng = np.random.default_rng(seed)
     while True:
         order = rng.permutation(len(blocks))
@@ -49,39 +53,30 @@ def random_batches(blocks: np.ndarray, batch_size: int, seed: int) -> Iterator[T
             yield torch.from_numpy(np.ascontiguousarray(blocks[order[i : i + batch_size]])).long()
 
 
+def mixed_batches(new: np.ndarray, replay: np.ndarray | None, batch_size: int, ratio: float, seed: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """Endless (tokens (B, L+1), replay mask (B,)) with round(ratio * B) rows of each batch
+    drawn from ``replay`` (none when it is None or empty) and the rest from ``new``."""
+    rng = np.random.default_rng(seed)
+    n_replay = int(round(ratio * batch_size)) if replay is not None and len(replay) else 0
+    n_new = batch_size - n_replay
+    while True:
+        order = rng.permutation(len(new))
+        for i in range(0, max(1, len(order) - n_new + 1), n_new):
+            rows = [new[order[i : i + n_new]]]
+            if n_replay:
+                rows.append(replay[rng.integers(0, len(replay), n_replay)])  # type: ignore[index]
+            batch = np.concatenate(rows)
+            mask = np.zeros(len(batch), dtype=bool)
+            mask[len(rows[0]) :] = True
+            yield torch.from_numpy(batch).long(), torch.from_numpy(mask)
+
+
 def lr_factor(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up, then cosine decay to ``min_lr_ratio``."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-@torch.no_grad()
-def evaluate_loss(model: PEERLM, blocks: np.ndarray, batch_size: int = 8, max_batches: int | None = None) -> float:
-    """Mean next-token cross-entropy (nats) over token blocks (n, L+1), in eval mode."""
-    if len(blocks) == 0:
-        raise ValueError("no evaluation blocks")
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    try:
-        for b, i in enumerate(range(0, len(blocks), batch_size)):
-            if max_batches is not None and b >= max_batches:
-                break
-            batch = torch.from_numpy(np.ascontiguousarray(blocks[i : i + batch_size])).long().to(device)
-            _, loss = model(batch[:, :-1], batch[:, 1:])
-            n = int((batch[:, 1:] != model.config.pad_id).sum())
-            if n == 0:
-                continue
-            total += float(loss) * n
-            count += n
-    finally:
-        model.train(was_training)
-    if count == 0:
-        raise ValueError("evaluation blocks hold only padding")
-    return total / count
 
 
 def train(
@@ -141,8 +136,11 @@ def train(
         batch, replay = item if isinstance(item, tuple) else (item, None)
         batch = batch.to(device)  # (B, L+1)
         logits, loss = model(batch[:, :-1], batch[:, 1:])
-        if teacher is not None and distill_weight > 0 and replay is not None and bool(replay.any()):
-            replay = replay.to(device)
+        n_replay = int(replay.sum()) if replay is not None else 0
+        result.replayed_rows += n_replay
+        if teacher is not None and distill_weight > 0 and n_replay:
+            replay = replay.to(device)  # type: ignore[union-attr]
+            result.distilled_rows += n_replay
             with torch.no_grad():
                 teacher_logits, _ = teacher(batch[replay][:, :-1])  # (R, L, V)
             t = distill_temperature

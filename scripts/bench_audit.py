@@ -1,6 +1,6 @@
 """Benchmark the retrieval audit and compare retrieval speeds.
 
-1. Audit time and peak memory (RSS) of :func:`lifelong.audit.audit_layer` on one PEER layer
+1. Audit time and peak memory (RSS) of :func:`lifelong.audit_exact.audit_layer` on one PEER layer
    (default N = 1024^2 experts, d_key 128, 8 heads, top_k 16, d_model 256) with 4096 queries
    per head (random inputs through the layer's query net in eval mode).
 2. Retrieval speed on the same kind of queries for N = 128^2 .. 1024^2: product keys
@@ -28,7 +28,7 @@ import faiss
 import torch
 
 from lifelong import PEERConfig, PEERLayer
-from lifelong.audit import audit_layer
+from lifelong.audit_exact import audit_layer
 
 
 def rss_bytes() -> int:

@@ -51,8 +51,9 @@ import torch
 from expert_store import ExpertStore
 from lifelong.checkpoint import checkout_model, init_store
 from lifelong.config import ModelConfig, PEERConfig, TrainConfig
-from lifelong.cycle import CycleConfig, run_cycle
-from lifelong.evaluate import loss_matrix, usage_stats
+from lifelong.config import CycleConfig
+from lifelong.cycle import run_cycle
+from lifelong.evaluate import expert_usage, heldout_blocks, loss_matrix
 from lifelong.model import PEERLM
 from lifelong.workspace import open_registry
 from streams import pack_blocks, register_defaults
@@ -221,13 +222,12 @@ def routing_to_grown(store: ExpertStore, registry: Any, chain: list[Any], s: Siz
     layers = model.peer_layers()
     out = {}
     for v, stream in trained[:-1]:
-        tokens = registry.heldout(stream, max_tokens=s.eval_tokens).tokens
-        blocks = pack_blocks(tokens, model.config.block_size, pad_id=model.config.pad_id, seed=None).astype(np.int64)
+        blocks = heldout_blocks(registry, stream, model.config.block_size, model.config.pad_id, s.eval_tokens)
         if not len(blocks):
             continue
         blocks = blocks[np.linspace(0, len(blocks) - 1, min(len(blocks), 128)).astype(int)]  # spread over the set
         counts: dict[str, torch.Tensor] = {}
-        usage_stats(model, blocks, max_batches=None, counts=counts)
+        expert_usage(model, blocks, max_batches=None, counts=counts)
         grown = total = 0.0
         for name, layer in layers.items():
             first_new = int(v.config["layers"][name]["n_rows"]) * layer.n_cols  # experts when j was trained

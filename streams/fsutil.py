@@ -4,23 +4,26 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 CHUNK = 1 << 20  # 1 MiB reads: bounded memory whatever the file size
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes | Iterable[bytes]) -> None:
     """Write ``data`` to ``path`` atomically: temp file in the same dir, fsync, replace.
 
+    ``data`` is the bytes, or an iterable of chunks (written as they come: bounded memory).
     The temp file starts with a dot and ends in ``.tmp`` so that drop-folder listings
-    never see a half-written file.
+    never see a half-written file; on any error it is removed and ``path`` is untouched.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for chunk in (data,) if isinstance(data, (bytes, bytearray, memoryview)) else data:
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -30,11 +33,6 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """``atomic_write_bytes`` of UTF-8 text."""
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def write_if_changed(path: str | os.PathLike[str], data: bytes) -> bool:

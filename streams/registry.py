@@ -6,7 +6,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Connection, Engine, delete, insert, select, update
+from sqlalchemy import Engine, delete, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from .cursor import cursor_key
@@ -58,7 +58,7 @@ class StreamRegistry:
                 conn.execute(insert(stream_registry), [{
                     "name": spec.name, "source": src, "format": spec.format,
                     "options": spec.options(), "holdout": spec.holdout,
-                    "created_at": spec.created_at, "cursor": None}])
+                    "created_at": spec.created_at}])
         except IntegrityError as exc:
             old = self.get(name)
             if exist_ok and old.fingerprint() == spec.fingerprint():
@@ -71,7 +71,7 @@ class StreamRegistry:
         opts = dict(row.options)
         opts["exclude"] = tuple(opts.get("exclude") or ())
         return StreamSpec(name=row.name, source=row.source, format=row.format,
-                          holdout=row.holdout, created_at=row.created_at, cursor=row.cursor, **opts)
+                          holdout=row.holdout, created_at=row.created_at, **opts)
 
     def list(self) -> list[StreamSpec]:
         """All streams, by name."""
@@ -95,18 +95,6 @@ class StreamRegistry:
             for table in (stream_files, stream_staged, stream_heldout):
                 conn.execute(delete(table).where(table.c.stream == name))
             conn.execute(delete(stream_registry).where(stream_registry.c.name == name))
-
-    def set_cursor(self, name: str, cursor: dict[str, Any] | None,
-                   conn: Connection | None = None) -> None:
-        """Mirror a committed cursor into the registry row. Pass the caller's ``conn`` to
-        do it inside the transaction that commits the version."""
-        stmt = update(stream_registry).where(stream_registry.c.name == name).values(cursor=cursor)
-        if conn is not None:
-            conn.execute(stmt)
-            return
-        self.get(name)
-        with self.engine.begin() as c:
-            c.execute(stmt)
 
     # -- data -----------------------------------------------------------------------------
     def iter_ingest(self, name: str, cursor: dict[str, Any] | None, *,

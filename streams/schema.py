@@ -15,7 +15,6 @@ stream_registry = Table(
     Column("options", JSON, nullable=False),      # StreamSpec.options()
     Column("holdout", Float, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
-    Column("cursor", JSON, nullable=True),        # mirror of the last committed cursor
 )
 
 # What the stream knows of each file it has seen: a sha256 cache keyed by (size, mtime).

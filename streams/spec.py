@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
@@ -65,7 +65,6 @@ class StreamSpec:
     hub_config: str | None = None
     split: str = "train"
     created_at: datetime | None = None
-    cursor: dict[str, Any] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         validate_name(self.name)

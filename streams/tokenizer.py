@@ -47,10 +47,6 @@ class ByteTokenizer:
         """Ids of ``text`` (no EOS added)."""
         return list(text.encode("utf-8"))
 
-    def encode_np(self, text: str) -> np.ndarray:
-        """``encode`` as a uint16 array."""
-        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.uint16)
-
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         """Text of ``ids``; special ids are dropped, bad UTF-8 becomes U+FFFD."""
         arr = np.asarray(ids)

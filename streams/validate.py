@@ -17,7 +17,7 @@ from pathlib import Path
 from .errors import (BadInputError, BinaryFileError, BlankFileError, EmptyFileError,
                      EncodingError, FieldTypeError, MalformedJSONError, MissingFieldError,
                      NotAnObjectError, UnreadableFileError, VanishedFileError)
-from .fsutil import CHUNK
+from .fsutil import CHUNK, atomic_write_bytes
 
 SNIFF_BYTES = 8192
 _WS = b" \t\r\n\x0b\x0c"
@@ -144,10 +144,6 @@ def write_sanitized(check: FileCheck, dest_dir: str) -> str:
     dest = Path(dest_dir) / f"{check.sha256}{Path(check.path).suffix}"
     if dest.exists():
         return str(dest)
-    tmp = dest.with_name("." + dest.name + ".tmp")
-    with open_checked(check.path) as src, open(tmp, "wb") as out:
-        for lineno, raw in enumerate(src, 1):
-            if lineno not in skip:
-                out.write(raw)
-    os.replace(tmp, dest)
+    with open_checked(check.path) as src:
+        atomic_write_bytes(dest, (raw for lineno, raw in enumerate(src, 1) if lineno not in skip))
     return str(dest)

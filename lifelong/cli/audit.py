@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..auditing import DEFAULT_MIN_RECALL, audit_version
+from ..audit_report import DEFAULT_MIN_RECALL
+from ..audit_version import audit_version
 from ..monitor import Monitor
 from ..workspace import open_registry, tensorboard_dir
 from .common import add_parser, open_store, print_json
@@ -25,7 +26,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     if args.json:
         print_json({**report.to_dict(), "passed": passed, "min_recall_threshold": args.min_recall})
     else:
-        print(report.format_table(per_head=not args.totals))
+        print(report.format_table(per_head=not args.totals, threshold=args.min_recall))
         verdict = "PASS" if passed else "FAIL"
         print(f"{verdict}: recall@k up to float ties {report.min_recall:.6f} (threshold {args.min_recall}); "
               f"raw recall {report.total.recall:.6f} over {report.total.queries} queries in {report.seconds:.1f}s")
@@ -38,7 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("version", nargs="?", default="HEAD", help="id, tag, ref or HEAD~n (default HEAD)")
     p.add_argument("--streams", nargs="*", help="streams whose held-out text is used (default: all the version trained on)")
     p.add_argument("--queries", type=int, default=2048, help="query tokens per layer (each gives one query per head)")
-    p.add_argument("--min-recall", type=float, default=DEFAULT_MIN_RECALL, help="exit 1 below this recall (up to float ties)")
+    p.add_argument("--min-recall", type=float, default=DEFAULT_MIN_RECALL,
+                   help="exit 1 below this recall (up to float ties; default %(default)s)")
     p.add_argument("--chunk-rows", type=int, help="grid rows per FAISS index chunk (bounds memory)")
     p.add_argument("--device", help="device for the model (default: GPU if there is one)")
     p.add_argument("--totals", action="store_true", help="one line per layer, no per-head rows")

@@ -9,9 +9,10 @@ from typing import Any
 
 from expert_store import ExpertStore
 
-from .main import STORE_ENV, CLIError
+from ..errors import CLIError
+from .main import STORE_ENV
 
-__all__ = ["add_parser", "open_store", "print_table", "print_json", "positive_int"]
+__all__ = ["add_parser", "open_store", "print_table", "print_json"]
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str, help: str, example: str, **kw: Any) -> argparse.ArgumentParser:
@@ -43,14 +44,3 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
 
 def print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, default=str, sort_keys=False))
-
-
-def positive_int(text: str) -> int:
-    """argparse type: a whole number > 0 (underscores allowed: 100_000)."""
-    try:
-        value = int(text.replace("_", ""))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value

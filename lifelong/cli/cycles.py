@@ -13,47 +13,19 @@ import dataclasses
 import signal
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Any
 
 from expert_store import ExpertStore
 
-from ..config import load_config
-from ..cycle import POLICIES, CycleConfig, CycleInterrupted, CycleResult
-from ..errors import ConfigError
+from ..config import CycleConfig, add_cycle_flags, cycle_config
+from ..cycle import CycleInterrupted, CycleResult
 from ..evaluate import continual_metrics, loss_matrix
 from ..workspace import open_registry, tensorboard_dir
-from .common import add_parser, open_store, positive_int, print_json, print_table
+from .common import add_parser, open_store, print_json, print_table
+from .streams import stream_hints
 
 EXIT_INTERRUPTED = 130
-
-
-def _stream_hints(store: str | None) -> Any:
-    from . import streams as stream_verbs
-
-    hints = getattr(stream_verbs, "_hints", None)
-    return hints(store) if hints is not None else nullcontext()
-
-
-def _cycle_config(args: argparse.Namespace) -> CycleConfig:
-    """Defaults < --config FILE < flags."""
-    top = dict(
-        policy=args.policy,
-        grow_rows=args.grow_rows,
-        token_budget=args.budget,
-        epochs=args.epochs,
-        replay_ratio=args.replay,
-        distill_weight=args.distill,
-        max_forgetting=args.max_forgetting,
-        eval_tokens=args.eval_tokens,
-        seed=args.seed,
-    )
-    train = dict(batch_size=args.batch_size, lr=args.lr, expert_lr=args.expert_lr)
-    try:
-        cfg = load_config(CycleConfig, args.config, **top)
-        return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **{k: v for k, v in train.items() if v is not None}))
-    except TypeError as exc:  # an unknown field inside the file's "train" object
-        raise ConfigError(f"invalid config file {args.config}: {exc}") from exc
 
 
 class _StopFlag:
@@ -125,16 +97,16 @@ def cmd_cycle(args: argparse.Namespace) -> int:
     from ..cycle import run_cycle
     from ..monitor import Monitor
 
-    cfg = _cycle_config(args)
+    cfg = cycle_config(args, file=args.config)
     store = open_store(args)
     log_to = sys.stderr if args.json else sys.stdout
     flag = _StopFlag()
-    with _stream_hints(args.store):
+    with stream_hints(args.store):
         registry = open_registry(store)
         registry.get(args.stream)  # an unknown stream fails before any event file is made
     monitor = Monitor(tensorboard_dir(store))
     try:
-        with _stream_hints(args.store), flag.installed():
+        with stream_hints(args.store), flag.installed():
             head = store.head()
             parent_experts = store.version(head).n_experts if head is not None else 0
             result = run_cycle(
@@ -226,21 +198,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     for name, help_text, example, policy in verbs:
         p = add_parser(sub, name, help_text, example)
         p.add_argument("--stream", required=True, help="registered stream to learn from")
-        p.add_argument("--policy", choices=POLICIES, default=policy,
-                       help="full: fine-tune all; freeze-experts: grow, old experts/keys frozen (default); "
-                            "freeze-all: grow, only new rows train")
-        p.add_argument("--grow-rows", type=positive_int, metavar="N", help="rows added to each PEER layer (default: 8)")
-        p.add_argument("--budget", type=positive_int, metavar="TOKENS", help="new tokens taken from the stream (default: 1000000)")
-        p.add_argument("--epochs", type=float, help="passes over the new data (default: 1)")
-        p.add_argument("--replay", type=float, metavar="RATIO", help="share of each batch replayed from earlier streams")
-        p.add_argument("--distill", type=float, metavar="WEIGHT", help="KL-to-previous-version weight on replayed rows")
-        p.add_argument("--max-forgetting", type=float, metavar="NATS",
-                       help="guard: above it the version is kept as candidate/<cycle> and HEAD does not move")
-        p.add_argument("--eval-tokens", type=positive_int, metavar="TOKENS", help="held-out tokens per stream (default: 32768)")
-        p.add_argument("--batch-size", type=positive_int)
-        p.add_argument("--lr", type=float)
-        p.add_argument("--expert-lr", type=float)
-        p.add_argument("--seed", type=int)
+        add_cycle_flags(p)
+        if policy is not None:
+            p.set_defaults(policy=policy)
         p.add_argument("--device", help="cpu, cuda, cuda:1 (default: GPU if there is one)")
         p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                        help="wait this long for another running cycle's lease (default: refuse at once)")

@@ -14,15 +14,14 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from expert_store import ExpertStore, NotAStoreError
 
-from ..auditing import audit_version
-from ..checkpoint import best_device, checkout_model, init_store
-from ..config import ModelConfig, PEERConfig, TrainConfig
-from ..cycle import CycleConfig, run_cycle
+from ..audit_version import audit_version
+from ..checkpoint import checkout_model, init_store
+from ..config import CycleConfig, ModelConfig, PEERConfig, TrainConfig
+from ..cycle import run_cycle
 from ..evaluate import loss_matrix
+from ..model import resolve_device, sample_text
 from ..monitor import Monitor
 from ..workspace import defaults_cache_dir, open_registry, tensorboard_dir
 from .common import add_parser, print_table
@@ -49,17 +48,14 @@ def _cycle_config(first: bool, quick: bool, seed: int) -> CycleConfig:
     )
 
 
-def _sample(store: ExpertStore, version: int, device: torch.device, seed: int) -> str:
-    model, _ = checkout_model(store, version, device=device)
-    prompt = torch.tensor([list(b"def ")], device=device)
-    out = model.generate(prompt, 120, temperature=0.8, top_k=20, generator=torch.Generator(device).manual_seed(seed))
-    return bytes(t for t in out[0].tolist() if t < 256).decode("utf-8", errors="replace")
+def _sample(store: ExpertStore, version: int, device: object, seed: int) -> str:
+    return sample_text(checkout_model(store, version, device=device)[0], "def ", 120, seed=seed)
 
 
 def run_demo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     path = Path(args.store or args.dir)
-    device = torch.device(args.device) if args.device else best_device()
+    device = resolve_device(args.device)
     progress = not args.no_progress and sys.stderr.isatty()
     try:
         store = ExpertStore.open(path)

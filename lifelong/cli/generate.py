@@ -4,23 +4,17 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
-from ..checkpoint import best_device, checkout_model
+from ..checkpoint import checkout_model
+from ..model import sample_text
 from .common import add_parser, open_store, print_json
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     store = open_store(args, read_only=True)
-    device = torch.device(args.device) if args.device else best_device()
-    model, info = checkout_model(store, args.version, device=device)
-    prompt = list(args.prompt.encode("utf-8")) or [258]  # BOS when the prompt is empty
-    gen = torch.Generator(device).manual_seed(args.seed)
-    out = model.generate(torch.tensor([prompt], device=device), args.tokens, temperature=args.temperature,
-                         top_k=args.top_k or None, generator=gen)
-    text = bytes(t for t in out[0].tolist() if t < 256).decode("utf-8", errors="replace")
+    model, origin = checkout_model(store, args.version, device=args.device)
+    text = sample_text(model, args.prompt, args.tokens, temperature=args.temperature, top_k=args.top_k or None, seed=args.seed)
     if args.json:
-        print_json({"version": info.id, "prompt": args.prompt, "text": text})
+        print_json({"version": origin.version.id, "prompt": args.prompt, "text": text})
     else:
         print(text)
     return 0

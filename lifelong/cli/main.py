@@ -2,7 +2,9 @@
 
 Each verb-group module exposes ``register(subparsers)`` which adds its sub-commands and
 sets ``func`` (called with the parsed namespace, returns an exit code) on each of them.
-Exit codes: 0 ok, 1 failure, 2 usage.
+Exit codes: 0 ok, 1 failure, 2 usage. Errors raised on purpose (the three packages' error
+bases, a missing or unreadable file) print one line plus a hint; anything else is a bug
+and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -11,6 +13,11 @@ import argparse
 import importlib
 import os
 import sys
+
+from expert_store import StoreError
+from streams import StreamError
+
+from ..errors import LifelongError
 
 # Verb-group modules, in the order they appear in `lifelong --help`.
 MODULES = [
@@ -26,12 +33,7 @@ MODULES = [
 STORE_ENV = "LIFELONG_STORE"
 
 
-class CLIError(Exception):
-    """A failure to report as one line (plus an optional hint) and exit code 1."""
-
-    def __init__(self, message: str, hint: str | None = None):
-        super().__init__(message)
-        self.hint = hint
+USER_ERRORS = (LifelongError, StoreError, StreamError, FileNotFoundError, PermissionError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,20 +55,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _known_errors() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = [CLIError, ValueError, FileNotFoundError, PermissionError]
-    for module, attr in (
-        ("lifelong.errors", "LifelongError"),
-        ("expert_store.errors", "StoreError"),
-        ("streams.errors", "StreamError"),
-    ):
-        try:
-            errors.append(getattr(importlib.import_module(module), attr))
-        except (ImportError, AttributeError):
-            pass
-    return tuple(errors)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -81,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and friends
         sys.stderr.close()
         return 0
-    except _known_errors() as exc:
+    except USER_ERRORS as exc:
         if args.debug:
             raise
         print(f"error: {exc}", file=sys.stderr)

@@ -12,18 +12,13 @@ import logging
 import sys
 from typing import Any
 
-from .. import scheduler
+from .. import jobstore, scheduler
+from ..audit_report import DEFAULT_MIN_RECALL
+from ..config import add_cycle_flags, cycle_settings
 from .common import add_parser, open_store, print_json, print_table
 
-_SETTINGS = ("policy", "grow_rows", "token_budget", "epochs", "batch_size", "lr", "expert_lr", "replay_ratio",
-             "distill_weight", "max_forgetting", "eval_tokens", "seed", "device", "tensorboard")
 
-
-def _settings(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: getattr(args, k) for k in _SETTINGS if getattr(args, k, None) is not None}
-
-
-def _print_job(job: scheduler.JobInfo, args: argparse.Namespace) -> None:
+def _print_job(job: jobstore.JobInfo, args: argparse.Namespace) -> None:
     if args.json:
         print_json(job.to_dict())
         return
@@ -34,12 +29,14 @@ def _print_job(job: scheduler.JobInfo, args: argparse.Namespace) -> None:
 def cmd_add(args: argparse.Namespace) -> int:
     store = open_store(args)
     every, grace = getattr(args, "every", None), args.misfire_grace
-    if args.kind == "poll":
-        job = scheduler.add_poll(store, args.stream, every_s=every, min_tokens=args.min_tokens, settings=_settings(args), misfire_grace_s=grace)
-    elif args.kind == "cycle":
-        job = scheduler.add_cycle(store, args.stream, every_s=every, cron=args.cron, settings=_settings(args), misfire_grace_s=grace)
+    if args.kind == "audit":
+        job = jobstore.add_audit(store, every_s=every, cron=args.cron, max_queries=args.queries, min_recall=args.min_recall, misfire_grace_s=grace)
     else:
-        job = scheduler.add_audit(store, every_s=every, cron=args.cron, max_queries=args.queries, min_recall=args.min_recall, misfire_grace_s=grace)
+        run = dict(settings=cycle_settings(args), device=args.device, tensorboard=args.tensorboard, misfire_grace_s=grace)
+        if args.kind == "poll":
+            job = jobstore.add_poll(store, args.stream, every_s=every, min_tokens=args.min_tokens, **run)
+        else:
+            job = jobstore.add_cycle(store, args.stream, every_s=every, cron=args.cron, **run)
     _print_job(job, args)
     return 0
 
@@ -49,7 +46,7 @@ def _job_rows(jobs: list[dict[str, Any]]) -> list[tuple]:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    jobs = [j.to_dict() for j in scheduler.list_jobs(open_store(args))]
+    jobs = [j.to_dict() for j in jobstore.list_jobs(open_store(args))]
     if args.json:
         print_json(jobs)
     elif not jobs:
@@ -60,13 +57,13 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
-    scheduler.remove_job(open_store(args), args.id)
+    jobstore.remove_job(open_store(args), args.id)
     print(f"removed job {args.id}")
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    st = scheduler.schedule_status(open_store(args), last=args.last)
+    st = jobstore.schedule_status(open_store(args), last=args.last)
     if args.json:
         print_json(st)
         return 0
@@ -140,26 +137,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cycle_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("cycle settings (default: CycleConfig's)")
-    g.add_argument("--policy", choices=("full", "freeze-experts", "freeze-all"))
-    g.add_argument("--grow-rows", type=int, metavar="N", help="rows added to every PEER layer")
-    g.add_argument("--budget", dest="token_budget", type=int, metavar="TOKENS", help="new tokens taken from the stream per cycle")
-    g.add_argument("--epochs", type=float, help="passes over the new data")
-    g.add_argument("--batch-size", type=int, metavar="N")
-    g.add_argument("--lr", type=float)
-    g.add_argument("--expert-lr", type=float)
-    g.add_argument("--replay", dest="replay_ratio", type=float, metavar="RATIO", help="share of each batch replayed from earlier streams")
-    g.add_argument("--distill", dest="distill_weight", type=float, metavar="WEIGHT", help="KL-to-previous-version weight on replayed rows")
-    g.add_argument("--max-forgetting", type=float, metavar="NATS", help="guard: above it the version becomes a candidate")
-    g.add_argument("--eval-tokens", type=int, metavar="N", help="held-out tokens per stream for evaluation")
-    g.add_argument("--seed", type=int)
-    g.add_argument("--device", help="torch device (default: GPU if there is one)")
-    g.add_argument("--no-tensorboard", dest="tensorboard", action="store_const", const=False,
+    add_cycle_flags(p)
+    p.add_argument("--device", help="torch device (default: GPU if there is one)")
+    p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false",
                    help="write no TensorBoard events (default: STORE/tensorboard)")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--misfire-grace", type=int, default=scheduler.MISFIRE_GRACE_S, metavar="SECONDS",
+    p.add_argument("--misfire-grace", type=int, default=jobstore.MISFIRE_GRACE_S, metavar="SECONDS",
                    help="a run later than this (scheduler down or busy) is skipped (default %(default)s)")
     p.add_argument("--json", action="store_true", help="print the job as JSON")
 
@@ -197,7 +182,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "lifelong --store ./store schedule add audit --every 600")
     _when(k)
     k.add_argument("--queries", type=int, default=2048, metavar="N", help="query tokens per layer (default %(default)s)")
-    k.add_argument("--min-recall", type=float, default=1.0, metavar="R", help="log an error below this recall (default %(default)s)")
+    k.add_argument("--min-recall", type=float, default=DEFAULT_MIN_RECALL, metavar="R",
+                   help="log an error below this recall (up to float ties; default %(default)s)")
     _common(k)
     k.set_defaults(func=cmd_add)
 

@@ -7,10 +7,11 @@ import time
 
 from expert_store import Residency, VersionInfo
 
-from ..checkpoint import best_device, checkout_model, init_store
+from ..checkpoint import checkout_model, init_store
 from ..config import ModelConfig, PEERConfig, config_to_dict, load_config
+from ..errors import CLIError
+from ..model import resolve_device
 from .common import add_parser, open_store, print_json, print_table
-from .main import CLIError
 
 
 def _metric_summary(v: VersionInfo) -> str:
@@ -91,6 +92,12 @@ def cmd_show(args: argparse.Namespace) -> int:
 
     rows = [(s.id, s.layer, f"{s.row_start}-{s.row_end}", s.n_experts, s.dtype, s.bytes, frozen(s), s.object_hash[:12]) for s in v.shards]
     print_table(["shard", "layer", "rows", "experts", "dtype", "bytes", "frozen", "object"], rows)
+    run = v.config.get("run")
+    if run:
+        print("resolved config of the run that made it:")
+        for what, cfg in run.items():
+            for k, val in _flat(cfg):
+                print(f"  {what}.{k}: {val}")
     if v.metrics:
         print("metrics:")
         for k, val in v.metrics.items():
@@ -98,6 +105,14 @@ def cmd_show(args: argparse.Namespace) -> int:
     if v.cursors:
         print("stream cursors: " + ", ".join(sorted(v.cursors)))
     return 0
+
+
+def _flat(cfg: dict, prefix: str = "") -> list[tuple[str, object]]:
+    """(dotted key, value) of a nested config dict."""
+    out: list[tuple[str, object]] = []
+    for k, val in cfg.items():
+        out.extend(_flat(val, f"{prefix}{k}.") if isinstance(val, dict) else [(f"{prefix}{k}", val)])
+    return out
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
@@ -138,11 +153,12 @@ def cmd_tag(args: argparse.Namespace) -> int:
 
 def cmd_checkout(args: argparse.Namespace) -> int:
     store = open_store(args, read_only=True)
-    device = args.device or str(best_device())
+    device = str(resolve_device(args.device))
     budget = int(args.budget_mb * 2**20) if args.budget_mb else None
     residency = Residency(store, device, budget_bytes=budget)
     t0 = time.perf_counter()
-    model, info = checkout_model(store, args.version, device=device, residency=residency)
+    model, origin = checkout_model(store, args.version, device=device, residency=residency)
+    info = origin.version
     seconds = time.perf_counter() - t0
     layers = {name: {"rows": l.n_rows, "frozen_rows": l.frozen_rows, "experts": l.num_experts} for name, l in model.peer_layers().items()}
     if args.json:
@@ -193,14 +209,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         "versions": len(store.versions()),
         "refs": {r.name: r.version_id for r in store.refs()},
         "experts": info.n_experts if info else 0,
-        "resident_bytes_on_checkout": {"device": str(best_device()), "total": sum(per_layer.values()), "by_layer": per_layer},
+        "resident_bytes_on_checkout": {"device": str(resolve_device()), "total": sum(per_layer.values()), "by_layer": per_layer},
     }
     if args.json:
         print_json(data)
         return 0
     print(f"store {data['store']}: HEAD -> {head}, {data['versions']} versions, {data['experts']} experts at HEAD")
     print("refs: " + ", ".join(f"{k}={v}" for k, v in data["refs"].items()))
-    print(f"a checkout of HEAD holds {data['resident_bytes_on_checkout']['total']} bytes of shards on {best_device()}:")
+    print(f"a checkout of HEAD holds {data['resident_bytes_on_checkout']['total']} bytes of shards on {resolve_device()}:")
     print_table(["layer", "bytes"], sorted(per_layer.items()))
     return 0
 

@@ -24,7 +24,8 @@ from streams.defaults import DEFAULT_STREAMS
 from streams.spec import FORMATS, ON_BAD_ROWS, ON_CHANGED, TEXT_MODES
 
 from ..workspace import defaults_cache_dir, open_registry
-from .common import add_parser, open_store, positive_int, print_json, print_table
+from ..config import positive_int
+from .common import add_parser, open_store, print_json, print_table
 
 STAGED_NOTE = "staged; the cursor advances when a cycle commits a version"
 
@@ -47,7 +48,7 @@ def _registry(store: ExpertStore, **overrides: Any) -> StreamRegistry:
 
 
 @contextmanager
-def _hints(store: str | None = None) -> Iterator[None]:
+def stream_hints(store: str | None = None) -> Iterator[None]:
     """Attach a one-line hint to ``streams`` errors (main.py prints message + hint)."""
     s = f"lifelong --store {store}" if store else "lifelong"
     try:
@@ -125,7 +126,7 @@ def _fraction(text: str) -> float:
 
 def cmd_add(args: argparse.Namespace) -> int:
     store = open_store(args)
-    with _hints(args.store):
+    with stream_hints(args.store):
         reg = _registry(store)
         sources = [_local(s, args.format) for s in args.source]
         spec = reg.add(args.name, sources[0] if len(sources) == 1 else sources, args.format,
@@ -148,7 +149,7 @@ def cmd_add(args: argparse.Namespace) -> int:
 def cmd_add_defaults(args: argparse.Namespace) -> int:
     store = open_store(args)
     cache_dir = defaults_cache_dir(store)
-    with _hints(args.store):
+    with stream_hints(args.store):
         reg = _registry(store)
         specs = register_defaults(reg, cache_dir, names=tuple(args.names))
         rows = []
@@ -171,7 +172,7 @@ def cmd_add_defaults(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     store = open_store(args)
-    with _hints(args.store):
+    with stream_hints(args.store):
         reg = _registry(store)
         head = store.head()
         cursors = store.version(head).cursors if head is not None else {}
@@ -180,7 +181,7 @@ def cmd_list(args: argparse.Namespace) -> int:
             pend = _pending(reg, spec.name, cursors.get(spec.name))
             out.append((spec, pend))
     if args.json:
-        print_json([{**{k: v for k, v in spec.to_dict().items() if k != "cursor"},
+        print_json([{**spec.to_dict(),
                      "committed_cursor": cursors.get(spec.name),
                      "pending": pend.to_dict() if pend else None} for spec, pend in out])
         return 0
@@ -199,14 +200,13 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_show(args: argparse.Namespace) -> int:
     store = open_store(args)
-    with _hints(args.store):
+    with stream_hints(args.store):
         reg = _registry(store)
         head, cursor = _head_cursor(store, args.name)
         info = reg.info(args.name, cursor)
     staged = [(s, s.from_cursor == cursor) for s in info.staged]
     if args.json:
         data = info.to_dict()
-        data["spec"].pop("cursor", None)  # the registry's mirror; HEAD's cursor is the truth
         data.update(head=head, committed_cursor=cursor,
                     staged=[{**s.to_dict(), "from_head_cursor": ok} for s, ok in staged])
         print_json(data)
@@ -220,8 +220,6 @@ def cmd_show(args: argparse.Namespace) -> int:
         if value not in (None, [], ()):
             print(f"  {key:<12} {value if not isinstance(value, list) else ', '.join(value)}")
     print(f"  cursor       {_cursor_summary(head, cursor)}")
-    if spec.get("cursor") != cursor:
-        print("               (the registry's mirror differs, e.g. after a rollback; HEAD's is used)")
     p = info.pending
     if p is None:
         print("  pending      unknown (the source cannot be listed now)")
@@ -243,7 +241,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_remove(args: argparse.Namespace) -> int:
     store = open_store(args)
-    with _hints(args.store):
+    with stream_hints(args.store):
         _registry(store).remove(args.name)
     print(f"removed stream {args.name}: its file index, staged data and held-out documents "
           "(source files untouched; committed versions keep their cursors)")
@@ -252,7 +250,7 @@ def cmd_remove(args: argparse.Namespace) -> int:
 
 def cmd_ingest(args: argparse.Namespace) -> int:
     store = open_store(args)
-    with _hints(args.store):
+    with stream_hints(args.store):
         reg = _registry(store, on_bad_rows=args.on_bad_rows)
         stored = StreamRegistry.get(reg, args.name)  # the registration, without overrides
         head, cursor = _head_cursor(store, args.name)

@@ -9,18 +9,8 @@ import pytest
 import torch
 
 from lifelong import LifelongError, ModelConfig, PEERConfig, PEERLayer, PEERLM, TrainConfig, product_key_topk, random_batches, train
-from lifelong.audit import (
-    AuditError,
-    AuditReport,
-    NoPEERLayersError,
-    NoQueriesError,
-    audit_layer,
-    audit_model,
-    capture_queries,
-    compare_topk,
-    exact_topk,
-    usage_stats,
-)
+from lifelong.audit_exact import audit_layer, audit_model, capture_queries, compare_topk, exact_topk, router_usage
+from lifelong.audit_report import AuditError, AuditReport, NoPEERLayersError, NoQueriesError
 
 
 def tiny_model(n_rows=8, n_cols=8, peer_layers=(1,), seed=0, **peer) -> PEERLM:
@@ -86,7 +76,7 @@ def test_capture_restores_state_and_respects_max_queries():
     captured = capture_queries(model, torch.as_tensor(blocks(5, 16)), batch_size=2, max_queries=40)
     q = captured["blocks.1.ffn"]
     assert q.shape == (40, 2, 16) and q.device.type == "cpu"
-    assert model.training and layer.training and layer.capture is None
+    assert model.training and layer.training and layer._recording is None
     assert not model.blocks[0].attn.training and model.blocks[0].training
     # Same queries as the layer computes in eval mode on the same inputs.
     model.eval()
@@ -227,11 +217,11 @@ def test_compare_topk_tie_rules_by_hand():
 # ---------------------------------------------------------------------- usage, report
 def test_usage_and_kl_to_uniform():
     ids = torch.arange(8).repeat(3)
-    usage, used, kl = usage_stats(ids, torch.ones(24), 8)
+    usage, used, kl = router_usage(ids, torch.ones(24), 8)
     assert (usage, used) == (1.0, 8) and kl == pytest.approx(0.0, abs=1e-12)
-    usage, used, kl = usage_stats(torch.zeros(5, dtype=torch.long), torch.ones(5), 8)
+    usage, used, kl = router_usage(torch.zeros(5, dtype=torch.long), torch.ones(5), 8)
     assert (usage, used) == (1 / 8, 1) and kl == pytest.approx(np.log(8))
-    _, _, kl = usage_stats(torch.tensor([0, 1]), torch.tensor([3.0, 1.0]), 4)  # p = (3/4, 1/4, 0, 0)
+    _, _, kl = router_usage(torch.tensor([0, 1]), torch.tensor([3.0, 1.0]), 4)  # p = (3/4, 1/4, 0, 0)
     assert kl == pytest.approx(0.75 * np.log(0.75 * 4) + 0.25 * np.log(0.25 * 4))
 
 

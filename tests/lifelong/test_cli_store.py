@@ -21,11 +21,11 @@ def store_dir(tmp_path):
     path = tmp_path / "store"
     assert main(["--store", str(path), "init", *TINY]) == 0
     store = ExpertStore.open(path)
-    model, _ = checkout_model(store, device="cpu")
+    model, origin = checkout_model(store, device="cpu")
     for layer in model.peer_layers().values():
         layer.freeze()
         layer.grow(2)
-    commit_model(store, model, message="grown", metrics={"mean_heldout_loss": 3.5})
+    commit_model(store, model, origin=origin, message="grown", metrics={"mean_heldout_loss": 3.5})
     store.close()
     return path
 

@@ -72,8 +72,8 @@ def head_cursors(store_dir) -> dict:
 def commit_cursors(store_dir, cursors: dict) -> None:
     """What a cycle does at its end: a version whose row carries the new cursors."""
     with ExpertStore.open(store_dir) as store:
-        model, _ = checkout_model(store, device="cpu")
-        commit_model(store, model, message="cycle", cursors={**store.version("HEAD").cursors, **cursors})
+        model, origin = checkout_model(store, device="cpu")
+        commit_model(store, model, origin=origin, message="cycle", cursors={**store.version("HEAD").cursors, **cursors})
 
 
 def test_add_list_show_ingest_remove(store_dir, data, capsys):

@@ -22,8 +22,8 @@ from sqlalchemy import select
 
 from expert_store import ExpertStore
 from lifelong.checkpoint import checkout_model, init_store
-from lifelong.config import ModelConfig, PEERConfig, TrainConfig
-from lifelong.cycle import CycleConfig, NothingPendingError, run_cycle
+from lifelong.config import CycleConfig, ModelConfig, PEERConfig, TrainConfig
+from lifelong.cycle import NothingPendingError, run_cycle
 from lifelong.records import CycleRow, Lease, LeaseHeldError
 from streams import StreamRegistry
 

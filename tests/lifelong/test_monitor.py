@@ -7,8 +7,8 @@ import random
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lifelong.checkpoint import init_store
-from lifelong.config import ModelConfig, PEERConfig, TrainConfig
-from lifelong.cycle import CycleConfig, run_cycle
+from lifelong.config import CycleConfig, ModelConfig, PEERConfig, TrainConfig
+from lifelong.cycle import run_cycle
 from lifelong.monitor import Monitor
 from streams import StreamRegistry
 
@@ -37,7 +37,7 @@ def test_cycle_writes_scalars_histogram_and_sample(tmp_path):
     tags = acc.Tags()
     scalars = set(tags["scalars"])
     for tag in ("train/loss", "train/lr", "heldout_loss/a", "heldout_loss/b", "forgetting/a", "cycle/mean_heldout_loss",
-                "cycle/mean_forgetting", "cycle/experts", "cycle/resident_bytes"):
+                "cycle/mean_forgetting", "cycle/experts", "cycle/model_bytes"):
         assert tag in scalars, tag
     layers = list(results[-1].metrics["usage"])
     assert layers and all(f"usage/{l}/used_percent" in scalars and f"usage/{l}/kl_uniform" in scalars for l in layers)

@@ -63,7 +63,7 @@ def pending_tokens(store_dir, stream="news") -> int:
 
 def jobs(store_dir) -> dict[str, tuple]:
     with ExpertStore.open(store_dir) as store:
-        return {j.id: (j.trigger, j.description, json.dumps(j.kwargs, sort_keys=True)) for j in scheduler.list_jobs(store)}
+        return {j.id: (j.trigger, j.description, json.dumps(j.kwargs, sort_keys=True)) for j in jobstore.list_jobs(store)}
 
 
 def wait_for(pred, timeout=60.0, what="condition"):
@@ -146,8 +146,8 @@ def test_run_once_runs_the_due_poll_job(store_dir, capsys):
 
 def test_held_lease_skips_and_the_scheduler_keeps_running(store_dir, caplog):
     with ExpertStore.open(store_dir) as store:
-        scheduler.add_poll(store, "news", every_s=0.5, min_tokens=100,
-                           settings={"batch_size": 4, "eval_tokens": 512, "grow_rows": 2, "tensorboard": False})
+        jobstore.add_poll(store, "news", every_s=0.5, min_tokens=100, tensorboard=False,
+                           settings={"batch_size": 4, "eval_tokens": 512, "grow_rows": 2})
     held = Lease(ExpertStore.open(store_dir).engine, "cycle", holder="cli:elsewhere:1")
     held.acquire()
     caplog.set_level(logging.INFO, logger="lifelong")

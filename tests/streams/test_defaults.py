@@ -21,7 +21,9 @@ def test_licenses_materialised_and_ingested(registry, tmp_path):
 def test_register_defaults(registry, tmp_path):
     specs = register_defaults(registry, tmp_path / "cache")
     assert [s.name for s in specs] == ["stdlib", "pydoc", "licenses"]
-    assert register_defaults(registry, tmp_path / "cache")  # idempotent
+    again = register_defaults(registry, tmp_path / "cache")  # idempotent: the same rows back
+    assert [s.fingerprint() for s in again] == [s.fingerprint() for s in specs]
+    assert sorted(again, key=lambda s: s.name) == registry.list()
     assert [s.name for s in default_sources(tmp_path / "cache")] == ["stdlib", "pydoc", "licenses"]
     p = registry.pending("pydoc")
     assert p.files == 2 and p.docs > 1000

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from streams import SpecError, StreamExistsError, StreamNameError, StreamNotFoundError, is_heldout
+from streams import StreamNameError, is_heldout
 from streams.spec import validate_name
 
 
@@ -27,23 +27,3 @@ def test_heldout_membership_depends_only_on_content():
     assert {d for d in more if is_heldout(d, 0.05)} >= held
     assert not any(is_heldout(d, 0.0) for d in docs)
 
-
-def test_registry_crud(registry, tmp_path):
-    (tmp_path / "d").mkdir()
-    spec = registry.add("s1", str(tmp_path / "d"), "jsonl", holdout=0.1)
-    assert spec.name == "s1" and registry.get("s1").holdout == 0.1
-    with pytest.raises(StreamExistsError):
-        registry.add("s1", str(tmp_path / "d"), "jsonl")
-    assert registry.add("s1", str(tmp_path / "d"), "jsonl", holdout=0.1, exist_ok=True).name == "s1"
-    with pytest.raises(StreamNameError):
-        registry.add("../evil", str(tmp_path / "d"))
-    with pytest.raises(SpecError):
-        registry.add("s2", str(tmp_path / "d"), "xml")
-    assert [s.name for s in registry.list()] == ["s1"]
-    d = registry.get("s1").to_dict()
-    assert d["format"] == "jsonl" and d["source"] == str(tmp_path / "d")
-    registry.set_cursor("s1", {"v": 1, "files": {}, "rows": 0})
-    assert registry.get("s1").cursor == {"v": 1, "files": {}, "rows": 0}
-    registry.remove("s1")
-    with pytest.raises(StreamNotFoundError):
-        registry.get("s1")

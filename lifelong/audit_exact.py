@@ -1,4 +1,4 @@
-"""Retrieval audit: FAISS exact top-k over the materialised full keys vs product-key top-k.
+"""The audit's comparison: FAISS exact top-k over the materialised full keys vs product-key top-k.
 
 Product-key retrieval (:func:`lifelong.peer.product_key_topk`) claims the *exact* top-k of
 ``q . [C1_i ; C2_j]`` over all ``n1 * n2`` experts. The audit checks the claim independently:
@@ -28,34 +28,11 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .audit_report import (
-    SCHEMA_VERSION,
-    AuditError,
-    AuditReport,
-    LayerAudit,
-    NoPEERLayersError,
-    NoQueriesError,
-    RetrievalStats,
-)
+from .audit_report import AuditError, AuditReport, LayerAudit, NoPEERLayersError, NoQueriesError, RetrievalStats
 from .evaluate import kl_to_uniform
-from .peer import PEERLayer
+from .peer import PEERLayer, recording
 
-__all__ = [
-    "AuditError",
-    "NoPEERLayersError",
-    "NoQueriesError",
-    "RetrievalStats",
-    "LayerAudit",
-    "AuditReport",
-    "capture_queries",
-    "exact_topk",
-    "compare_topk",
-    "usage_stats",
-    "audit_layer",
-    "audit_model",
-    "default_chunk_rows",
-    "SCHEMA_VERSION",
-]
+__all__ = ["capture_queries", "exact_topk", "compare_topk", "router_usage", "audit_layer", "audit_model", "default_chunk_rows"]
 
 DEFAULT_CHUNK_BYTES = 64 << 20  # full keys materialised at once by exact_topk (auto chunk_rows)
 _COMPARE_TOKENS = 512  # tokens per comparison chunk: bounds the (c, h, k, dk) float64 gathers
@@ -84,7 +61,7 @@ def capture_queries(
     Returns ``{layer_name: (Q, h, dk)}`` float CPU tensors, Q = tokens seen (at most
     ``max_queries``). Blocks one longer than the model's ``block_size`` (the training
     layout, inputs + shifted targets) are cut to their first ``block_size`` tokens.
-    Every module's train/eval mode and every layer's ``capture`` are restored afterwards.
+    Every module's train/eval mode is restored afterwards.
     """
     layers = _peer_layers(model)
     ids = torch.as_tensor(np.asarray(blocks) if not isinstance(blocks, Tensor) else blocks)
@@ -97,27 +74,24 @@ def capture_queries(
         ids = ids[:, :-1]
     device = next(model.parameters()).device
     modes = [(m, m.training) for m in model.modules()]  # restored per module, not just the root
-    saved = {name: layer.capture for name, layer in layers.items()}
     out: dict[str, list[Tensor]] = {name: [] for name in layers}
     seen = 0
     model.eval()
     try:
-        for layer in layers.values():
-            layer.capture = []
-        bar = tqdm(range(0, ids.shape[0], batch_size), desc="audit: capture", unit="batch", disable=not progress, leave=False)
-        for i in bar:
-            batch = ids[i : i + batch_size].long().to(device)  # (B, L)
-            model(batch)
-            for name, layer in layers.items():
-                out[name].extend(q.cpu() for q in layer.capture)  # (B*L, h, dk) each
-                layer.capture = []
-            seen += batch.numel()
-            if max_queries is not None and seen >= max_queries:
-                break
-        bar.close()
+        with recording(layers, queries=True) as recs:
+            bar = tqdm(range(0, ids.shape[0], batch_size), desc="audit: capture", unit="batch", disable=not progress, leave=False)
+            for i in bar:
+                batch = ids[i : i + batch_size].long().to(device)  # (B, L)
+                model(batch)
+                for name, rec in recs.items():
+                    assert rec.queries is not None
+                    out[name].extend(q.cpu() for q in rec.queries)  # (B*L, h, dk) each
+                    rec.queries.clear()
+                seen += batch.numel()
+                if max_queries is not None and seen >= max_queries:
+                    break
+            bar.close()
     finally:
-        for name, layer in layers.items():
-            layer.capture = saved[name]
         for m, mode in modes:
             m.training = mode
     result = {name: torch.cat(qs)[:max_queries] for name, qs in out.items() if qs}
@@ -261,7 +235,7 @@ def compare_topk(
     return out
 
 
-def usage_stats(ids: Tensor, weights: Tensor, num_experts: int) -> tuple[float, int, float]:
+def router_usage(ids: Tensor, weights: Tensor, num_experts: int) -> tuple[float, int, float]:
     """Expert usage and unevenness from router ids and gate weights (same shape, any).
 
     Returns (share of experts retrieved at least once, experts used, KL(p || uniform) in nats)
@@ -319,7 +293,7 @@ def audit_layer(
     for s in per_head:
         total = total.merge(s)
     gates = router_s.softmax(-1) if c.score == "softmax" else router_s.sigmoid()  # (Q, h, k)
-    usage, used, kl = usage_stats(router_i, gates, layer.num_experts)
+    usage, used, kl = router_usage(router_i, gates, layer.num_experts)
     t3 = time.perf_counter()
     return LayerAudit(
         name=name,
