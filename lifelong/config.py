@@ -40,6 +40,28 @@ def require(ok: bool, name: str, message: str) -> None:
         raise ConfigError(f"invalid config field '{name}': {message}")
 
 
+_SCALARS = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
+def check_types(config: Any) -> None:
+    """Every scalar field of a config dataclass holds a value of its annotated type (``float``
+    takes ints, ``None`` only where the annotation allows it, never a bool for a number):
+    a string from a JSON file fails here, naming the field, not later as a TypeError."""
+    for f in dataclasses.fields(config):
+        kinds = [k.strip() for k in str(f.type).split("|")]
+        value = getattr(config, f.name)
+        if value is None and "None" in kinds:
+            continue
+        allowed = tuple(t for k in kinds for t in _SCALARS.get(k, ()))
+        nested = [k for k in kinds if k not in _SCALARS and k != "None" and not k.startswith(("list", "dict"))]
+        if nested:  # a nested config: built from a dict by config_from_dict or __post_init__
+            require(dataclasses.is_dataclass(value) and type(value).__name__ == nested[0], f.name,
+                    f"must be a {nested[0]} (a JSON object), got {value!r}")
+        elif allowed:
+            ok = isinstance(value, bool) if bool in allowed else isinstance(value, allowed) and not isinstance(value, bool)
+            require(ok, f.name, f"must be {' or '.join(kinds)}, got {value!r}")
+
+
 @dataclass
 class PEERConfig:
     """One PEER layer (paper defaults in comments; CPU-sized defaults here)."""
@@ -56,6 +78,7 @@ class PEERConfig:
     candidates: int | None = None  # per-side candidates; None = top_k (exact); fewer = approximate
 
     def __post_init__(self) -> None:
+        check_types(self)
         for name in ("d_model", "heads", "top_k", "d_key", "n_rows", "n_cols"):
             value = getattr(self, name)
             require(isinstance(value, int) and value > 0, name, f"must be a positive integer, got {value!r}")
@@ -99,6 +122,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if isinstance(self.peer, Mapping):
             self.peer = config_from_dict(PEERConfig, self.peer)
+        check_types(self)
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "block_size", "ffn_mult"):
             value = getattr(self, name)
             require(isinstance(value, int) and value > 0, name, f"must be a positive integer, got {value!r}")
@@ -111,7 +135,9 @@ class ModelConfig:
         )
         if self.peer_layers is None:
             self.peer_layers = [self.n_layers // 2]
-        self.peer_layers = sorted(set(int(i) for i in self.peer_layers))
+        require(isinstance(self.peer_layers, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in self.peer_layers),
+                "peer_layers", f"must be a list of block indices, got {self.peer_layers!r}")
+        self.peer_layers = sorted(set(self.peer_layers))
         for i in self.peer_layers:
             require(0 <= i < self.n_layers, "peer_layers", f"block {i} does not exist (n_layers={self.n_layers})")
 
@@ -150,6 +176,7 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_types(self)
         for name in ("steps", "batch_size"):
             value = getattr(self, name)
             require(isinstance(value, int) and value > 0, name, f"must be a positive integer, got {value!r}")
@@ -183,6 +210,7 @@ class CycleConfig:
     def __post_init__(self) -> None:
         if isinstance(self.train, Mapping):
             self.train = config_from_dict(TrainConfig, dict(self.train))
+        check_types(self)
         require(self.policy in POLICIES, "policy", f"must be one of {', '.join(POLICIES)}, got {self.policy!r}")
         require(isinstance(self.grow_rows, int) and self.grow_rows > 0, "grow_rows", f"must be a positive integer, got {self.grow_rows!r}")
         require(self.token_budget is None or self.token_budget > 0, "token_budget", f"must be positive, got {self.token_budget}")

@@ -33,7 +33,7 @@ from .growth import apply_policy
 from .model import PEERLM, resolve_device, sample_text
 from .monitor import Monitor
 from .records import Lease, finish_cycle, holder_name, start_cycle
-from .train import TrainResult, mixed_batches, train
+from .train import TrainResult, mixed_batches, replay_rows, train
 
 __all__ = ["CycleResult", "run_cycle", "NothingPendingError", "CycleInterrupted"]
 
@@ -75,8 +75,7 @@ class _Cycle:
     cfg: CycleConfig
     parent: VersionInfo
     device: torch.device
-    lease: Lease
-    stopped: Callable[[], bool]
+    should_stop: Callable[[], bool] | None
     monitor: Monitor | None
     progress: bool
     log: Callable[[str], None]
@@ -101,15 +100,14 @@ def run_cycle(
     t_start = time.perf_counter()
     registry.get(stream)  # unknown stream: clear error before anything else
     holder = holder or holder_name()
-    with Lease(store.engine, "cycle", holder=holder, wait_s=wait_s) as lease:
+    with Lease(store.engine, "cycle", holder=holder, wait_s=wait_s) as lease, lease.keep_alive():
         parent = store.version(_head(store))
         # ingest: the data after the parent's committed cursor
         data = registry.ingest(stream, parent.cursors.get(stream), cfg.token_budget)
         if data.train_docs == 0:
             raise NothingPendingError(f"stream '{stream}' has nothing pending after version {parent.id}; no version was made")
         with _cycle_row(store, stream, cfg, parent.id, holder) as row:
-            c = _Cycle(row.id, store, registry, stream, cfg, parent, resolve_device(device), lease, _Latch(should_stop),
-                       monitor, progress, log)
+            c = _Cycle(row.id, store, registry, stream, cfg, parent, resolve_device(device), should_stop, monitor, progress, log)
             model, origin = checkout_model(store, parent.id, device=c.device)
             mc = model.config
             new_blocks = data.blocks(mc.block_size, seed=cfg.seed).astype(np.int64)
@@ -122,7 +120,7 @@ def run_cycle(
             growth = apply_policy(model, cfg, new_blocks)  # grow
 
             trained = _train(c, model, new_blocks, data.train_token_count)  # train
-            if c.stopped():
+            if should_stop is not None and should_stop():
                 raise CycleInterrupted(f"cycle {c.id} stopped after {trained.steps} steps; no version was committed")
 
             usage_blocks = held_new if len(held_new) else new_blocks[:32]
@@ -138,8 +136,10 @@ def run_cycle(
             worst = max(metrics["forgetting"].values(), default=0.0)
             guard_failed = cfg.max_forgetting is not None and worst > cfg.max_forgetting
             ref = f"candidate/{c.id}" if guard_failed else "HEAD"
-            if c.stopped():
+            if should_stop is not None and should_stop():
                 raise CycleInterrupted(f"cycle {c.id} stopped before its commit; no version was committed")
+            if lease.lost is not None:  # another process may run a cycle now: do not commit beside it
+                raise lease.lost
             version = commit_model(  # commit: the version, the stream's new cursor and the ref move in one transaction
                 store, model, origin=origin, parent=parent.id, ref=ref, metrics=metrics,
                 cursors={**parent.cursors, stream: data.new_cursor}, optimizer=trained.optimizer_state,
@@ -160,18 +160,6 @@ def _head(store: ExpertStore) -> int:
     if head is None:
         raise LifelongError(f"the store at {store.path} has no HEAD version")
     return head
-
-
-class _Latch:
-    """``should_stop`` that stays True once it has said True."""
-
-    def __init__(self, should_stop: Callable[[], bool] | None) -> None:
-        self.should_stop = should_stop
-        self.set = False
-
-    def __call__(self) -> bool:
-        self.set = self.set or bool(self.should_stop and self.should_stop())
-        return self.set
 
 
 @dataclass
@@ -223,23 +211,13 @@ def _train(c: _Cycle, model: PEERLM, new_blocks: np.ndarray, new_tokens: int) ->
     if replay is not None and cfg.distill_weight > 0:
         teacher, _ = checkout_model(c.store, c.parent.id, device=c.device)
         teacher.eval()
-    n_new = cfg.train.batch_size - (int(round(cfg.replay_ratio * cfg.train.batch_size)) if replay is not None else 0)
-    steps = max(1, math.ceil(cfg.epochs * len(new_blocks) / max(1, n_new)))
+    n_new = cfg.train.batch_size - replay_rows(cfg.train.batch_size, cfg.replay_ratio, replay)
+    steps = max(1, math.ceil(cfg.epochs * len(new_blocks) / n_new))
     tcfg = dataclasses.replace(cfg.train, steps=steps, warmup_steps=min(cfg.train.warmup_steps, max(1, steps // 10)))
-    step0 = int(c.parent.metrics.get("global_step", 0))
-    last_renew = time.monotonic()
-
-    def on_step(step: int, loss: float, lr: float) -> None:
-        nonlocal last_renew
-        if c.monitor is not None:
-            c.monitor.train_step(step0 + step, loss, lr)
-        if time.monotonic() - last_renew > c.lease.ttl_s / 3:
-            c.lease.renew()
-            last_renew = time.monotonic()
-
     return train(
         model, mixed_batches(new_blocks, replay, tcfg.batch_size, cfg.replay_ratio, cfg.seed), tcfg,
-        on_step=on_step, progress=c.progress, should_stop=c.stopped, teacher=teacher, distill_weight=cfg.distill_weight,
+        on_step=c.monitor.train_step if c.monitor is not None else None, step_offset=int(c.parent.metrics.get("global_step", 0)),
+        progress=c.progress, should_stop=c.should_stop, teacher=teacher, distill_weight=cfg.distill_weight,
         distill_temperature=cfg.distill_temperature,
         optimizer_state=c.store.load_optimizer(c.parent.id, c.device) if c.parent.optimizer_hash else None,
     )

@@ -210,8 +210,12 @@ class PEERLayer(nn.Module):
         if rec is not None:
             if rec.queries is not None:
                 rec.queries.append(q.detach())
-            if rec.usage is not None:
-                rec.usage.index_add_(0, ids.reshape(-1), g.detach().reshape(-1).to(rec.usage.dtype))
+            if rec.usage is not None:  # experts grown since the recording began are not counted
+                flat_ids, flat_g = ids.reshape(-1), g.detach().reshape(-1).to(rec.usage.dtype)
+                if self.num_experts > rec.usage.numel():
+                    keep = flat_ids < rec.usage.numel()
+                    flat_ids, flat_g = flat_ids[keep], flat_g[keep]
+                rec.usage.index_add_(0, flat_ids, flat_g)
         train_experts = torch.is_grad_enabled() and self.training and self.trainable_start < self.num_experts
         self.grads.start = self.trainable_start
         anchor = x2.new_empty(0).requires_grad_() if train_experts else None

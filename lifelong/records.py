@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -131,6 +134,7 @@ class Lease:
 
     def __post_init__(self) -> None:
         self.holder = self.holder or holder_name()
+        self.lost: LeaseHeldError | None = None  # set by keep_alive when a renewal failed
         create_tables(self.engine)
 
     def acquire(self) -> None:
@@ -170,6 +174,32 @@ class Lease:
     def release(self) -> None:
         with self.engine.begin() as conn:
             conn.execute(delete(LeaseRow).where(LeaseRow.name == self.name, LeaseRow.holder == self.holder))
+
+    @contextmanager
+    def keep_alive(self, every_s: float | None = None, on_lost: Callable[[LeaseHeldError], None] | None = None) -> Iterator[None]:
+        """Renew the lease from a background thread every ``every_s`` (default ttl / 3) while
+        inside. A failed renewal (the lease expired and someone else took it) sets
+        :attr:`lost` and calls ``on_lost`` once; renewing stops then."""
+        done = threading.Event()
+        interval = min(every_s or self.ttl_s, self.ttl_s / 3)
+
+        def beat() -> None:
+            while not done.wait(interval):
+                try:
+                    self.renew()
+                except LeaseHeldError as exc:
+                    self.lost = exc
+                    if on_lost is not None:
+                        on_lost(exc)
+                    return
+
+        thread = threading.Thread(target=beat, name=f"lease-{self.name}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
 
     def __enter__(self) -> Lease:
         self.acquire()

@@ -167,12 +167,16 @@ def _signals(install: bool) -> Iterator[None]:
             signal.signal(s, h)
 
 
+def _lease_lost(exc: LeaseHeldError) -> None:
+    log.error("%s: stopping", exc)
+    request_stop()
+
+
 def _heartbeat(lease: Lease) -> None:
     try:
         lease.renew()
     except LeaseHeldError as exc:
-        log.error("%s: stopping", exc)
-        request_stop()
+        _lease_lost(exc)
 
 
 def _serve(store: ExpertStore, lease: Lease, refresh_s: float) -> None:
@@ -249,19 +253,12 @@ def run_scheduler(store: ExpertStore, *, once: bool = False, wait_s: float = 0.0
     except LeaseHeldError as exc:
         msg = str(exc).replace("another cycle is running", "a scheduler is running")
         raise LeaseHeldError(msg if msg != str(exc) else f"a scheduler is running on this store: {exc}") from exc
-    done = threading.Event()
     try:
         with _signals(install_signals):
             if once:  # no scheduler loop (and no heartbeat job): renew the lease from a thread
-                threading.Thread(target=_renew_until, args=(lease, done, refresh_s), daemon=True).start()
-                return _run_once(store)
+                with lease.keep_alive(refresh_s, on_lost=_lease_lost):
+                    return _run_once(store)
             _serve(store, lease, refresh_s)
             return []
     finally:
-        done.set()
         lease.release()
-
-
-def _renew_until(lease: Lease, done: threading.Event, every_s: float) -> None:
-    while not done.wait(min(every_s, lease.ttl_s / 3)):
-        _heartbeat(lease)

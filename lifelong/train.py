@@ -19,7 +19,7 @@ from .evaluate import evaluate_loss
 from .model import PEERLM
 from .optim import RowAdam
 
-__all__ = ["train", "random_batches", "mixed_batches", "TrainResult", "lr_factor"]
+__all__ = ["train", "random_batches", "mixed_batches", "replay_rows", "TrainResult", "lr_factor"]
 
 
 @dataclass
@@ -53,11 +53,21 @@ def random_batches(blocks: np.ndarray, batch_size: int, seed: int) -> Iterator[T
             yield torch.from_numpy(np.ascontiguousarray(blocks[order[i : i + batch_size]])).long()
 
 
+def replay_rows(batch_size: int, ratio: float, replay: np.ndarray | None) -> int:
+    """Rows of each batch taken from ``replay``: round(ratio * B), at least one row left for
+    new data, none when there is no replay data."""
+    if replay is None or len(replay) == 0:
+        return 0
+    return min(batch_size - 1, int(round(ratio * batch_size)))
+
+
 def mixed_batches(new: np.ndarray, replay: np.ndarray | None, batch_size: int, ratio: float, seed: int) -> Iterator[tuple[Tensor, Tensor]]:
-    """Endless (tokens (B, L+1), replay mask (B,)) with round(ratio * B) rows of each batch
-    drawn from ``replay`` (none when it is None or empty) and the rest from ``new``."""
+    """Endless (tokens (B, L+1), replay mask (B,)): :func:`replay_rows` rows of each batch
+    drawn from ``replay``, the rest from ``new`` in a seeded shuffled order."""
+    if len(new) == 0:
+        raise DataError("no training blocks: the data is too small for one block")
     rng = np.random.default_rng(seed)
-    n_replay = int(round(ratio * batch_size)) if replay is not None and len(replay) else 0
+    n_replay = replay_rows(batch_size, ratio, replay)
     n_new = batch_size - n_replay
     while True:
         order = rng.permutation(len(new))
@@ -86,6 +96,7 @@ def train(
     *,
     eval_blocks: np.ndarray | None = None,
     on_step: Callable[[int, float, float], None] | None = None,
+    step_offset: int = 0,
     progress: bool = True,
     should_stop: Callable[[], bool] | None = None,
     teacher: PEERLM | None = None,
@@ -103,6 +114,9 @@ def train(
     ``batches`` yields (B, L+1) tensors, or ``(tokens, replay)`` pairs where ``replay`` (B,)
     marks replayed rows: with a ``teacher`` (the previous version) and ``distill_weight`` > 0,
     those rows also pay ``distill_weight * T^2 * KL(teacher || model)`` at temperature T.
+
+    ``on_step(step_offset + step, loss, lr)`` is called after every step (e.g.
+    :meth:`lifelong.monitor.Monitor.train_step` with the version's global step as offset).
 
     ``optimizer_state`` (a previous :attr:`TrainResult.optimizer_state`) resumes the optimizers:
     the expert rows' state always (rows still trainable keep theirs), AdamW's only when the
@@ -169,13 +183,13 @@ def train(
         result.steps = step + 1
         bar.set_postfix(loss=f"{value:.3f}")
         if on_step is not None:
-            on_step(step, value, cfg.lr * factor)
+            on_step(step_offset + step, value, cfg.lr * factor)
         if eval_blocks is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
             result.eval_losses.append((step + 1, evaluate_loss(model, eval_blocks, cfg.batch_size, cfg.eval_batches)))
     bar.close()
     result.seconds = time.perf_counter() - start
     result.final_loss = float(np.mean(result.losses[-10:])) if result.losses else float("nan")
-    if eval_blocks is not None:
+    if eval_blocks is not None and (not result.eval_losses or result.eval_losses[-1][0] != result.steps):
         result.eval_losses.append((result.steps, evaluate_loss(model, eval_blocks, cfg.batch_size, cfg.eval_batches)))
     result.optimizer_state = _save_optimizers(adamw, rows)
     return result

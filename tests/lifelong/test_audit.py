@@ -8,15 +8,22 @@ import numpy as np
 import pytest
 import torch
 
-from lifelong import LifelongError, ModelConfig, PEERConfig, PEERLayer, PEERLM, TrainConfig, product_key_topk, random_batches, train
+from lifelong import LifelongError, PEERConfig, PEERLayer, PEERLM, TrainConfig, product_key_topk, random_batches, train
 from lifelong.audit_exact import audit_layer, audit_model, capture_queries, compare_topk, exact_topk, router_usage
 from lifelong.audit_report import AuditError, AuditReport, NoPEERLayersError, NoQueriesError
 
 
-def tiny_model(n_rows=8, n_cols=8, peer_layers=(1,), seed=0, **peer) -> PEERLM:
-    torch.manual_seed(seed)
-    pcfg = PEERConfig(d_model=32, heads=2, top_k=4, d_key=16, n_rows=n_rows, n_cols=n_cols, **peer)
-    return PEERLM(ModelConfig(d_model=32, n_layers=2, n_heads=2, block_size=16, peer_layers=list(peer_layers), peer=pcfg))
+@pytest.fixture
+def tiny_model(tiny_config):
+    """A factory: the tiny model, seeded, with PEER in ``peer_layers`` and any grid shape.
+
+    block_size 16: ``blocks()`` rows are 17 tokens, the training layout the audit cuts to 16."""
+
+    def build(peer_layers=(1,), seed=0, **overrides) -> PEERLM:
+        torch.manual_seed(seed)
+        return PEERLM(tiny_config(**{"block_size": 16, "peer_layers": list(peer_layers), **overrides}))
+
+    return build
 
 
 def blocks(n=12, length=17, seed=0) -> np.ndarray:
@@ -40,8 +47,8 @@ def assert_exact(report_or_layer):
 
 # ------------------------------------------------------------------------- exactness
 @pytest.mark.parametrize("n_rows,n_cols", [(8, 8), (5, 12), (13, 6)])
-def test_fresh_model_recall_is_one_square_and_rectangular(n_rows, n_cols):
-    model = tiny_model(n_rows, n_cols, peer_layers=(0, 1))
+def test_fresh_model_recall_is_one_square_and_rectangular(n_rows, n_cols, tiny_model):
+    model = tiny_model(n_rows=n_rows, n_cols=n_cols, peer_layers=(0, 1))
     report = audit_model(model, blocks(), batch_size=4, progress=False)
     assert set(report.layers) == {"blocks.0.ffn", "blocks.1.ffn"}
     for audit in report.layers.values():
@@ -52,8 +59,8 @@ def test_fresh_model_recall_is_one_square_and_rectangular(n_rows, n_cols):
     assert report.passed() and report.min_recall == 1.0
 
 
-def test_trained_and_grown_model_recall_is_one():
-    model = tiny_model(6, 10)
+def test_trained_and_grown_model_recall_is_one(tiny_model):
+    model = tiny_model(n_rows=6, n_cols=10)
     data = blocks(32, 17, seed=1)
     train(model, random_batches(data, 4, seed=0), TrainConfig(steps=4, batch_size=4, warmup_steps=1), progress=False)
     assert_exact(audit_model(model, data[:8], progress=False))
@@ -68,7 +75,7 @@ def test_trained_and_grown_model_recall_is_one():
     assert report.layers["blocks.1.ffn"].num_experts == 11 * 10
 
 
-def test_capture_restores_state_and_respects_max_queries():
+def test_capture_restores_state_and_respects_max_queries(tiny_model):
     model = tiny_model()
     model.train()
     model.blocks[0].attn.eval()  # a mixed-mode model must come back mixed
@@ -84,7 +91,7 @@ def test_capture_restores_state_and_respects_max_queries():
         x = model.embed(torch.as_tensor(blocks(5, 16))[:1]) + model.pos(torch.arange(16))
         x = model.blocks[0](x)
         x = model.blocks[1].norm2(x + model.blocks[1].attn(model.blocks[1].norm1(x)))
-        torch.testing.assert_close(layer.queries(x.reshape(-1, 32)), q[:16])
+        torch.testing.assert_close(layer.queries(x.reshape(-1, model.config.d_model)), q[:16])
 
 
 # ---------------------------------------------------------------------- exact search
@@ -132,8 +139,8 @@ def test_router_dropping_a_codebook_row_is_caught(monkeypatch):
     assert audit.total.max_score_diff > 1e-3
 
 
-def test_approximate_candidates_mode_is_caught():
-    model = tiny_model(16, 16)
+def test_approximate_candidates_mode_is_caught(tiny_model):
+    model = tiny_model(n_rows=16, n_cols=16)
     model.peer_layers()["blocks.1.ffn"].config.candidates = 2
     report = audit_model(model, blocks(), progress=False)
     audit = report.layers["blocks.1.ffn"]
@@ -225,7 +232,7 @@ def test_usage_and_kl_to_uniform():
     assert kl == pytest.approx(0.75 * np.log(0.75 * 4) + 0.25 * np.log(0.25 * 4))
 
 
-def test_report_round_trips_through_json():
+def test_report_round_trips_through_json(tiny_model):
     report = audit_model(tiny_model(), blocks(4), progress=False, extra={"version": 3})
     data = json.loads(json.dumps(report.to_dict(), allow_nan=False))
     assert data["schema"] == 1 and data["extra"] == {"version": 3}
@@ -240,8 +247,8 @@ def test_report_round_trips_through_json():
 
 
 # --------------------------------------------------------------------------- errors
-def test_clear_errors():
-    dense = PEERLM(ModelConfig(d_model=32, n_layers=2, n_heads=2, block_size=16, peer_layers=[], peer=PEERConfig(d_model=32)))
+def test_clear_errors(tiny_model):
+    dense = tiny_model(peer_layers=())
     with pytest.raises(NoPEERLayersError) as exc:
         audit_model(dense, blocks(), progress=False)
     assert isinstance(exc.value, LifelongError) and exc.value.hint

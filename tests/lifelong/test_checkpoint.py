@@ -7,13 +7,14 @@ import pytest
 import torch
 
 from expert_store import Residency
-from lifelong import ModelConfig, PEERConfig, TrainConfig, random_batches, train
+from lifelong import ModelConfig, PEERLM, TrainConfig, random_batches, train
 from lifelong.checkpoint import StoreMismatchError, checkout_model, commit_model, init_store
 
 
-def tiny_config() -> ModelConfig:
-    peer = PEERConfig(d_model=32, heads=2, top_k=4, d_key=16, n_rows=8, n_cols=8)
-    return ModelConfig(d_model=32, n_layers=2, n_heads=2, block_size=32, peer=peer, peer_layers=[0, 1])
+@pytest.fixture
+def two_layer_config(tiny_config) -> ModelConfig:
+    """The tiny model with PEER in both blocks: two layers' shards to share or rewrite."""
+    return tiny_config(peer_layers=[0, 1])
 
 
 def blocks(seed=0):
@@ -30,8 +31,8 @@ def logits(model, idx):
         return model(idx)[0]
 
 
-def test_checkout_is_bit_identical_to_committed_model(tmp_path):
-    store, v1 = init_store(str(tmp_path / "s"), tiny_config())
+def test_checkout_is_bit_identical_to_committed_model(tmp_path, two_layer_config):
+    store, v1 = init_store(str(tmp_path / "s"), two_layer_config)
     model, origin = checkout_model(store, "HEAD", device="cpu")
     assert origin.version.id == v1.id
     short_train(model)
@@ -44,8 +45,8 @@ def test_checkout_is_bit_identical_to_committed_model(tmp_path):
     assert not torch.equal(logits(old, idx), expected)
 
 
-def test_growth_commits_only_the_new_shard_and_checkout_reuses_frozen(tmp_path, monkeypatch):
-    store, _ = init_store(str(tmp_path / "s"), tiny_config())
+def test_growth_commits_only_the_new_shard_and_checkout_reuses_frozen(tmp_path, monkeypatch, two_layer_config):
+    store, _ = init_store(str(tmp_path / "s"), two_layer_config)
     residency = Residency(store, "cpu")
     model, origin = checkout_model(store, device="cpu", residency=residency)
     v1 = origin.version
@@ -70,11 +71,12 @@ def test_growth_commits_only_the_new_shard_and_checkout_reuses_frozen(tmp_path, 
     loads.clear()
     m1, _ = checkout_model(store, v1.id, device="cpu", residency=residency)
     assert loads == []
-    assert m1.peer_layers()["blocks.0.ffn"].n_rows == 8
+    n = two_layer_config.peer.n_rows
+    assert m1.peer_layers()["blocks.0.ffn"].n_rows == n
     idx = torch.randint(0, 100, (2, 16))
     assert torch.equal(logits(m2, idx), logits(model, idx))
     layer = m2.peer_layers()["blocks.0.ffn"]
-    assert layer.frozen_rows == 8 and layer.n_rows == 10 and not layer.col_keys.requires_grad
+    assert layer.frozen_rows == n and layer.n_rows == n + 2 and not layer.col_keys.requires_grad
     # Frozen shards of a checked-out model are still shared by the next commit.
     short_train(m2, seed=1)
     v3 = commit_model(store, m2, origin=m2_origin, message="more").version
@@ -84,8 +86,8 @@ def test_growth_commits_only_the_new_shard_and_checkout_reuses_frozen(tmp_path, 
     assert not ({s.id for s in v4.shards} & {s.id for s in v3.shards})
 
 
-def test_trained_shard_is_rewritten_even_if_later_frozen(tmp_path):
-    store, v1 = init_store(str(tmp_path / "s"), tiny_config())
+def test_trained_shard_is_rewritten_even_if_later_frozen(tmp_path, two_layer_config):
+    store, v1 = init_store(str(tmp_path / "s"), two_layer_config)
     model, origin = checkout_model(store, device="cpu")
     short_train(model)  # changes the (trainable) first shard
     for layer in model.peer_layers().values():
@@ -97,11 +99,9 @@ def test_trained_shard_is_rewritten_even_if_later_frozen(tmp_path):
     assert torch.equal(logits(again, idx), logits(model, idx))
 
 
-def test_config_mismatch_is_refused(tmp_path):
-    store, _ = init_store(str(tmp_path / "s"), tiny_config())
-    from lifelong import PEERLM
-
-    other = PEERLM(ModelConfig(d_model=32, n_layers=3, n_heads=2, block_size=32, peer=tiny_config().peer))
+def test_config_mismatch_is_refused(tmp_path, two_layer_config, tiny_config):
+    store, _ = init_store(str(tmp_path / "s"), two_layer_config)
+    other = PEERLM(tiny_config(n_layers=3))  # a deliberately different shape
     with pytest.raises(StoreMismatchError, match="n_layers"):
         commit_model(store, other, message="wrong")
     assert len(store.versions()) == 1

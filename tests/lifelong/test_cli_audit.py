@@ -14,8 +14,6 @@ from expert_store import ExpertStore
 from lifelong.cli.main import main
 from lifelong.records import AuditRow
 
-MODEL = {"d_model": 32, "n_layers": 2, "n_heads": 2, "block_size": 64,
-         "peer": {"d_model": 32, "heads": 2, "top_k": 4, "d_key": 16, "n_rows": 6, "n_cols": 10}}
 FAST = ["--grow-rows", "3", "--budget", "15000", "--eval-tokens", "4096", "--batch-size", "8", "--device", "cpu", "--no-progress"]
 
 
@@ -26,13 +24,12 @@ def run(store_dir, *args, capsys):
 
 
 @pytest.fixture()
-def store_dir(tmp_path, capsys):
+def store_dir(tmp_path, tiny_config_file, capsys):
     rng = random.Random(1)
     for name, alphabet in (("a", "abcdefgh \n"), ("b", "0123456789+= \n")):
         (tmp_path / f"{name}.txt").write_text("\n".join("".join(rng.choice(alphabet) for _ in range(70)) for _ in range(200)))
-    (tmp_path / "model.json").write_text(json.dumps(MODEL))
     path = tmp_path / "store"
-    assert main(["--store", str(path), "init", "--config", str(tmp_path / "model.json")]) == 0
+    assert main(["--store", str(path), "init", "--config", str(tiny_config_file(n_rows=6, n_cols=10))]) == 0
     capsys.readouterr()
     return path
 

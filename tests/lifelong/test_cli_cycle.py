@@ -14,21 +14,19 @@ from sqlalchemy import select
 
 from expert_store import ExpertStore
 from lifelong.cli.main import main
+from lifelong.config import config_to_dict, cycle_config
 from lifelong.records import CycleRow
 
-MODEL = {"d_model": 32, "n_layers": 2, "n_heads": 2, "block_size": 64,
-         "peer": {"d_model": 32, "heads": 2, "top_k": 4, "d_key": 16, "n_rows": 8, "n_cols": 8}}
 FAST = ["--grow-rows", "2", "--budget", "20000", "--eval-tokens", "2048", "--batch-size", "8", "--device", "cpu", "--no-progress"]
 
 
 @pytest.fixture()
-def store_dir(tmp_path, capsys):
+def store_dir(tmp_path, tiny_config_file, capsys):
     rng = random.Random(0)
     for name, alphabet in (("a", "abcdefgh "), ("b", "0123456789+= ")):
         (tmp_path / f"{name}.txt").write_text("\n".join("".join(rng.choice(alphabet) for _ in range(60)) for _ in range(120)))
-    (tmp_path / "model.json").write_text(json.dumps(MODEL))
     path = tmp_path / "store"
-    assert main(["--store", str(path), "init", "--config", str(tmp_path / "model.json")]) == 0
+    assert main(["--store", str(path), "init", "--config", str(tiny_config_file())]) == 0
     for name in "ab":
         assert main(["--store", str(path), "stream", "add", name, str(tmp_path / f"{name}.txt")]) == 0
     capsys.readouterr()
@@ -48,6 +46,17 @@ def test_cycle_guard_and_eval(store_dir, capsys):
     assert res["accepted"] and res["ref"] == "HEAD" and res["head"] == res["version"] == 2
     assert res["experts_added"] == 2 * 8 and set(res["metrics"]["losses"]) == {"a"}
     assert (store_dir / "tensorboard").is_dir()
+
+    # The version records the resolved cycle config: defaults < flags, every field.
+    resolved = config_to_dict(cycle_config({"grow_rows": 2, "token_budget": 20000, "eval_tokens": 2048, "batch_size": 8}))
+    code, out, _ = run(store_dir, "show", "HEAD", "--json", capsys=capsys)
+    assert code == 0 and json.loads(out)["config"]["run"]["cycle"] == resolved
+    code, out, _ = run(store_dir, "show", "HEAD", capsys=capsys)
+    assert code == 0 and "resolved config of the run that made it:" in out
+    lines = out.splitlines()
+    for line in ("cycle.policy: freeze-experts", "cycle.grow_rows: 2", "cycle.token_budget: 20000", "cycle.train.batch_size: 8",
+                 f"cycle.train.lr: {resolved['train']['lr']}", "cycle.max_forgetting: None"):
+        assert f"  {line}" in lines, line
 
     # The guard: any forgetting trips it; the version is a candidate, HEAD stays, exit 0 but loud.
     code, out, err = run(store_dir, "cycle", "--stream", "b", "--policy", "freeze-all", *FAST, "--max-forgetting=-1e6", capsys=capsys)

@@ -7,17 +7,15 @@ import dataclasses
 import pytest
 
 from expert_store import ExpertStore
-from lifelong import ModelConfig, PEERConfig
 from lifelong.cli import demo
 from lifelong.cli.main import main
 
 
 @pytest.fixture()
-def tiny_demo(monkeypatch):
+def tiny_demo(monkeypatch, tiny_config):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    peer = PEERConfig(d_model=32, heads=2, top_k=4, d_key=16, n_rows=8, n_cols=16)
-    monkeypatch.setattr(demo, "demo_model_config", lambda: ModelConfig(d_model=32, n_layers=2, n_heads=2, block_size=32, peer=peer))
+    monkeypatch.setattr(demo, "demo_model_config", lambda: tiny_config(n_cols=16, block_size=32))
     real = demo._cycle_config
 
     def small(first, quick, seed):

@@ -10,16 +10,16 @@ import sys
 import pytest
 
 from expert_store import ExpertStore
+from lifelong import ConfigError, LifelongError
 from lifelong.checkpoint import checkout_model, commit_model
+from lifelong.cli import store as store_verbs
 from lifelong.cli.main import main
-
-TINY = ["--rows", "8", "--cols", "8", "--d-model", "32", "--layers", "2", "--heads", "2", "--top-k", "4", "--d-key", "16"]
 
 
 @pytest.fixture()
-def store_dir(tmp_path):
+def store_dir(tmp_path, tiny_init_flags):
     path = tmp_path / "store"
-    assert main(["--store", str(path), "init", *TINY]) == 0
+    assert main(["--store", str(path), "init", *tiny_init_flags]) == 0
     store = ExpertStore.open(path)
     model, origin = checkout_model(store, device="cpu")
     for layer in model.peer_layers().values():
@@ -78,14 +78,51 @@ def test_checkout_budget_and_corruption_are_clear_errors(store_dir, capsys):
     assert run(store_dir, "checkout", "HEAD", "--device", "cpu", capsys=capsys)[0] == 0
 
 
-def test_bad_input_exit_codes(tmp_path, store_dir, capsys):
+def test_bad_input_exit_codes(tmp_path, store_dir, tiny_init_flags, capsys):
     assert run(store_dir, "show", "nope", capsys=capsys)[0] == 1
     assert run(tmp_path / "not-a-store", "versions", capsys=capsys)[0] == 1
-    code, _, err = run(store_dir, "init", *TINY, capsys=capsys)
+    code, _, err = run(store_dir, "init", *tiny_init_flags, capsys=capsys)
     assert code == 1 and "error:" in err
     with pytest.raises(SystemExit) as exc:
         main(["--store", str(store_dir), "rollback"])  # missing argument: usage error
     assert exc.value.code == 2
+
+
+class Refused(LifelongError):
+    """An error raised on purpose, with a hint."""
+
+    hint = "do the other thing"
+
+
+@pytest.mark.parametrize("debug", [[], ["--debug"]])
+def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch, capsys, debug):
+    def buggy(args):
+        raise ValueError("a bug, not a refusal")
+
+    monkeypatch.setattr(store_verbs, "cmd_versions", buggy)
+    with pytest.raises(ValueError, match="a bug"):  # propagates: Python prints the traceback
+        main([*debug, "--store", str(tmp_path), "versions"])
+    assert "error:" not in capsys.readouterr().err
+
+
+def test_a_refusal_is_one_line_and_debug_reraises_it(tmp_path, monkeypatch, capsys):
+    errors = iter([Refused("refused on purpose"), Refused("no hint here", hint=""),
+                   ConfigError("invalid config field 'x'"),  # a ValueError too, but raised on purpose
+                   Refused("shown in full")])
+
+    def refuse(args):
+        raise next(errors)
+
+    monkeypatch.setattr(store_verbs, "cmd_versions", refuse)
+    argv = ["--store", str(tmp_path), "versions"]
+    assert main(argv) == 1
+    assert capsys.readouterr().err == "error: refused on purpose\nhint: do the other thing\n"
+    assert main(argv) == 1
+    assert capsys.readouterr().err == "error: no hint here\n"
+    assert main(argv) == 1
+    assert capsys.readouterr().err == "error: invalid config field 'x'\n"
+    with pytest.raises(Refused, match="shown in full"):
+        main(["--debug", *argv])
 
 
 def test_real_subprocess_cli(store_dir):

@@ -19,7 +19,6 @@ from lifelong.cli.main import main
 from lifelong.cli.streams import STAGED_NOTE
 from streams import StreamRegistry
 
-TINY = ["--rows", "8", "--cols", "8", "--d-model", "32", "--layers", "2", "--heads", "2", "--top-k", "4", "--d-key", "16"]
 DOCS = [f"document number {i} about streams and cursors" for i in range(20)]
 
 
@@ -30,9 +29,9 @@ def _offline(monkeypatch):
 
 
 @pytest.fixture()
-def store_dir(tmp_path):
+def store_dir(tmp_path, tiny_init_flags):
     path = tmp_path / "store"
-    assert main(["--store", str(path), "init", *TINY]) == 0
+    assert main(["--store", str(path), "init", *tiny_init_flags]) == 0
     return path
 
 

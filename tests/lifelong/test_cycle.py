@@ -22,13 +22,11 @@ from sqlalchemy import select
 
 from expert_store import ExpertStore
 from lifelong.checkpoint import checkout_model, init_store
-from lifelong.config import CycleConfig, ModelConfig, PEERConfig, TrainConfig
+from lifelong.config import CycleConfig, ModelConfig, TrainConfig
 from lifelong.cycle import NothingPendingError, run_cycle
 from lifelong.records import CycleRow, Lease, LeaseHeldError
 from streams import StreamRegistry
 
-MODEL = ModelConfig(d_model=32, n_layers=2, n_heads=2, block_size=64,
-                    peer=PEERConfig(d_model=32, heads=2, top_k=4, d_key=16, n_rows=8, n_cols=8))
 GROW = 2
 BUDGET = 20_000  # more than each stream holds: one cycle consumes a stream
 
@@ -44,11 +42,11 @@ def _lines(kind: str, n: int = 200, seed: int = 0) -> str:
     return "\n".join("".join(rng.choice("XYZ#@!") for _ in range(50)) for _ in range(n))  # symbols
 
 
-def make_store(root: Path) -> Path:
-    """A fresh tiny store with streams a, b, c registered (sources under ``root/src``)."""
+def make_store(root: Path, model: ModelConfig) -> Path:
+    """A fresh store of ``model`` with streams a, b, c registered (sources under ``root/src``)."""
     src = root / "src"
     src.mkdir(parents=True)
-    store, _ = init_store(str(root / "store"), MODEL)
+    store, _ = init_store(str(root / "store"), model)
     reg = registry(store)
     for name in "abc":
         (src / f"{name}.txt").write_text(_lines(name))
@@ -97,8 +95,8 @@ def old_tables_equal(parent_model, child_model) -> bool:
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    return make_store(tmp_path_factory.mktemp("base"))
+def base(tmp_path_factory, tiny_config) -> Path:
+    return make_store(tmp_path_factory.mktemp("base"), tiny_config())
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +122,7 @@ def after_a(tmp_path, chain):
     copy.close()
 
 
-def test_cycle_commits_a_version_with_cursor_metrics_and_growth(chain):
+def test_cycle_commits_a_version_with_cursor_metrics_and_growth(chain, tiny_config):
     store, results, expected = chain
     res = results["a"]
     assert res.accepted and res.ref == "HEAD" and res.parent == 1 and res.version == 2
@@ -135,7 +133,7 @@ def test_cycle_commits_a_version_with_cursor_metrics_and_growth(chain):
     for s, r in results.items():  # every version: one loss-matrix row over every stream seen
         assert list(store.version(r.version).metrics["losses"]) == list("abc"[: "abc".index(s) + 1])
     parent = experts_by_layer(store.version(1))
-    assert experts_by_layer(v) == {k: n + GROW * MODEL.peer.n_cols for k, n in parent.items()}
+    assert experts_by_layer(v) == {k: n + GROW * tiny_config().peer.n_cols for k, n in parent.items()}
     assert [r.status for r in cycle_rows(store)] == ["committed"] * 3
     head = store.head()
     with pytest.raises(NothingPendingError):
@@ -156,7 +154,7 @@ def test_freeze_experts_keeps_old_experts_and_keys_bit_identical(chain):
     assert any(not torch.equal(a, cm.dense_state_dict()[k]) for k, a in pm.dense_state_dict().items())  # dense trained
 
 
-def test_freeze_all_keeps_every_old_weight_bit_identical(chain):
+def test_freeze_all_keeps_every_old_weight_bit_identical(chain, tiny_config):
     store, results, _ = chain
     pm, _ = checkout_model(store, results["a"].version, device="cpu")
     cm, _ = checkout_model(store, results["b"].version, device="cpu")
@@ -166,7 +164,7 @@ def test_freeze_all_keeps_every_old_weight_bit_identical(chain):
     changed = [k for k in pd if not torch.equal(pd[k], cd[k])]
     assert changed == []
     grown = experts_by_layer(store.version(results["b"].version))
-    assert grown == {k: n + GROW * MODEL.peer.n_cols for k, n in experts_by_layer(store.version(results["a"].version)).items()}
+    assert grown == {k: n + GROW * tiny_config().peer.n_cols for k, n in experts_by_layer(store.version(results["a"].version)).items()}
 
 
 def test_full_changes_old_experts_and_adds_none(chain):
@@ -193,13 +191,34 @@ def test_guard_keeps_a_candidate_and_leaves_head(after_a):
     assert cycle(store, "b").accepted
 
 
-def test_replay_and_distillation_commit(after_a):
+def test_replay_and_distillation_commit(after_a, chain):
     store = after_a
-    res = cycle(store, "b", cfg("freeze-experts", replay_ratio=0.25, distill_weight=1.0))
+    parent = store.head()
+    config = cfg("freeze-experts", replay_ratio=0.25, distill_weight=1.0)
+    res = cycle(store, "b", config)
     assert res.accepted and store.head() == res.version
     m = res.metrics
     assert set(m["losses"]) == {"a", "b"} and all(v > 0 for v in m["losses"].values())
     assert set(m["forgetting"]) == {"a"} and m["steps"] > 0
+    per_batch = round(0.25 * config.train.batch_size)  # 2 of every 8 rows come from stream a
+    assert per_batch > 0 and m["replayed_rows"] == m["steps"] * per_batch
+    assert m["distilled_rows"] == m["replayed_rows"]  # every replayed row paid the KL to the parent
+    assert store.version(res.version).metrics["replayed_rows"] == m["replayed_rows"]  # committed with the version
+    # Replay without distillation: the same rows replayed, none distilled.
+    store.rollback(parent, why="test: b again, without distillation")
+    m = cycle(store, "b", cfg("freeze-experts", replay_ratio=0.25)).metrics
+    assert m["replayed_rows"] == m["steps"] * per_batch and m["distilled_rows"] == 0
+    # The chain trained b without replay: nothing replayed, nothing distilled.
+    _, results, _ = chain
+    assert results["b"].metrics["replayed_rows"] == results["b"].metrics["distilled_rows"] == 0
+
+
+def test_first_cycle_has_nothing_to_replay(tmp_path, base):
+    shutil.copytree(base, tmp_path / "store")
+    with ExpertStore.open(tmp_path / "store") as store:
+        res = cycle(store, "a", cfg(replay_ratio=0.25, distill_weight=1.0))  # no earlier stream
+    assert res.accepted and res.metrics["steps"] > 0
+    assert res.metrics["replayed_rows"] == res.metrics["distilled_rows"] == 0
 
 
 def test_lease_held_refuses_without_a_version(after_a):
@@ -220,7 +239,7 @@ CHILD = textwrap.dedent(
     from expert_store import ExpertStore
     from streams import StreamRegistry
     import lifelong.cycle as cyc
-    from lifelong.config import TrainConfig
+    from lifelong.config import CycleConfig, TrainConfig
 
     store = ExpertStore.open(sys.argv[1])
     reg = StreamRegistry(store.engine, work_dir=str(Path(sys.argv[1]) / "streams"))
@@ -233,8 +252,8 @@ CHILD = textwrap.dedent(
         return info
 
     cyc.commit_model = announced
-    cfg = cyc.CycleConfig(grow_rows=2, token_budget=20_000, eval_tokens=2048, epochs=float(sys.argv[2]),
-                          train=TrainConfig(batch_size=8))
+    cfg = CycleConfig(grow_rows=2, token_budget=20_000, eval_tokens=2048, epochs=float(sys.argv[2]),
+                      train=TrainConfig(batch_size=8))
     cyc.run_cycle(store, reg, "b", cfg, device="cpu", progress=False, log=lambda s: print("LOG", s, flush=True))
     print("DONE", flush=True)
     """
@@ -242,10 +261,15 @@ CHILD = textwrap.dedent(
 
 
 def _kill_child(store_path: Path, epochs: float, marker: str, delay: float) -> tuple[int, list[str]]:
-    """Start a cycle on b in a child; SIGKILL it ``delay`` s after it prints ``marker``."""
+    """Start a cycle on b in a child; SIGKILL it ``delay`` s after it prints ``marker``.
+
+    Fails unless the child got that far: one that died early (an import error, a crash
+    before the marker) would otherwise leave an untouched store and pass."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(store_path), str(epochs)],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    stderr = store_path.with_name(store_path.name + ".stderr")
+    with open(stderr, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", CHILD, str(store_path), str(epochs)],
+                                stdout=subprocess.PIPE, stderr=err, text=True)
     seen = []
     try:
         for line in proc.stdout:  # type: ignore[union-attr]
@@ -253,10 +277,13 @@ def _kill_child(store_path: Path, epochs: float, marker: str, delay: float) -> t
             if seen[-1] == marker:
                 time.sleep(delay)
                 break
+        exited = proc.poll()  # None: still running, as it should be (or 0: it already finished)
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait(30)
     print(f"child {marker}+{delay}: {time.perf_counter() - t0:.1f}s, saw {seen}")
+    assert marker in seen, f"the child never printed {marker}; saw {seen}; stderr:\n{stderr.read_text()[-2000:]}"
+    assert exited in (None, 0), f"the child failed after {marker} (exit {exited}); stderr:\n{stderr.read_text()[-2000:]}"
     return proc.pid, seen
 
 
@@ -312,14 +339,15 @@ def test_sigkill_mid_training_and_mid_commit_leaves_the_store_consistent(tmp_pat
         cycle(s, "b")
     s.close()
 
-    # Mid-commit, at a few delays after the commit starts (short training: 0.05 epochs).
+    # Mid-commit, at a few delays after the commit starts (short training: 0.05 epochs):
+    # either outcome, each consistent. Then right after commit_model returned: it must have landed.
     landed = []
-    for i, delay in enumerate((0.0, 0.015, 0.5)):  # aborted, either, landed (typically)
+    for i, (marker, delay) in enumerate((("COMMIT", 0.0), ("COMMIT", 0.015), ("COMMIT", 0.5), ("COMMITTED", 0.0))):
         path = fresh(f"commit{i}")
-        pid, seen = _kill_child(path, 0.05, "COMMIT", delay)
-        assert "COMMIT" in seen
+        pid, seen = _kill_child(path, 0.05, marker, delay)
         landed.append(_check_after_kill(path, pid, head, expected["b"]))
     print("commit landed before the kill:", landed)
+    assert landed[-1] is True
 
 
 def test_optimizer_state_is_committed_and_resumed_by_the_next_cycle(after_a):

@@ -7,20 +7,17 @@ import random
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lifelong.checkpoint import init_store
-from lifelong.config import CycleConfig, ModelConfig, PEERConfig, TrainConfig
+from lifelong.config import CycleConfig, TrainConfig
 from lifelong.cycle import run_cycle
 from lifelong.monitor import Monitor
 from streams import StreamRegistry
 
-MODEL = ModelConfig(d_model=32, n_layers=2, n_heads=2, block_size=64,
-                    peer=PEERConfig(d_model=32, heads=2, top_k=4, d_key=16, n_rows=8, n_cols=8))
 
-
-def test_cycle_writes_scalars_histogram_and_sample(tmp_path):
+def test_cycle_writes_scalars_histogram_and_sample(tmp_path, tiny_config):
     rng = random.Random(0)
     for name, alphabet in (("a", "abcdefgh "), ("b", "0123456789+= ")):
         (tmp_path / f"{name}.txt").write_text("\n".join("".join(rng.choice(alphabet) for _ in range(60)) for _ in range(120)))
-    store, _ = init_store(str(tmp_path / "store"), MODEL)
+    store, _ = init_store(str(tmp_path / "store"), tiny_config())
     (tmp_path / "work").mkdir()
     reg = StreamRegistry(store.engine, work_dir=str(tmp_path / "work"))
     log_dir = tmp_path / "store" / "tensorboard"

@@ -21,14 +21,13 @@ from lifelong.cli.main import main
 from lifelong.records import CycleRow, Lease, LeaseRow, create_tables
 from streams import StreamRegistry
 
-TINY = ["--rows", "8", "--cols", "8", "--d-model", "32", "--layers", "2", "--heads", "2", "--top-k", "4", "--d-key", "16"]
 FAST = ["--batch-size", "4", "--eval-tokens", "512", "--grow-rows", "2", "--no-tensorboard", "--budget", "100000"]
 
 
 @pytest.fixture()
-def store_dir(tmp_path):
+def store_dir(tmp_path, tiny_init_flags):
     path = tmp_path / "store"
-    assert main(["--store", str(path), "init", *TINY]) == 0
+    assert main(["--store", str(path), "init", *tiny_init_flags]) == 0
     data = tmp_path / "news.txt"
     data.write_text("\n".join(f"news item {i}: the river rose {i % 7} feet overnight and the bridge stayed shut" for i in range(40)))
     with ExpertStore.open(path) as store:

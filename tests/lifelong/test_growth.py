@@ -1,0 +1,155 @@
+"""Growth policies (what grows, what trains, what freezes) and the new row keys' start."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from lifelong.config import CycleConfig
+from lifelong.growth import apply_policy, init_new_keys
+from lifelong.model import PEERLM
+from lifelong.peer import recording
+
+L = 16
+ROWS = 8  # tiny_config's n_rows
+COLS = 8
+GROW = 3
+
+
+@pytest.fixture
+def model(tiny_config) -> PEERLM:
+    torch.manual_seed(0)
+    return PEERLM(tiny_config(block_size=L, peer_layers=[0, 1]))
+
+
+def new_blocks(n: int = 4, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, L + 1)).astype(np.int64)
+
+
+def policy(name: str, **kw) -> CycleConfig:
+    return CycleConfig(policy=name, grow_rows=GROW, **kw)
+
+
+def peer_param_ids(model: PEERLM) -> set[int]:
+    return {id(p) for layer in model.peer_layers().values() for p in layer.parameters()}
+
+
+def dense_params(model: PEERLM) -> list[torch.nn.Parameter]:
+    ids = peer_param_ids(model)
+    return [p for p in model.parameters() if id(p) not in ids]
+
+
+def query_params(layer) -> list[torch.nn.Parameter]:
+    return list(layer.query.parameters()) + list(layer.query_norm.parameters())
+
+
+def test_full_trains_everything_and_grows_nothing(model):
+    for layer in model.peer_layers().values():  # an earlier freeze-all cycle left it frozen
+        layer.freeze()
+        layer.grow(1)
+        layer.freeze_query()
+    assert apply_policy(model, policy("full"), new_blocks()) == {"grown_rows": 0}
+    assert all(p.requires_grad for p in model.parameters())
+    for layer in model.peer_layers().values():
+        assert (layer.n_rows, layer.frozen_rows, layer.trainable_start) == (ROWS + 1, 0, 0)
+        assert layer.row_keys.shape[0] == ROWS + 1 and not layer.query_frozen
+        assert not any(s.frozen for s in layer.shards)
+
+
+def test_freeze_experts_grows_freezes_old_and_trains_queries_and_dense(model):
+    old = {n: (l.expert_u.clone(), l.all_row_keys().detach().clone(), l.col_keys.detach().clone())
+           for n, l in model.peer_layers().items()}
+    assert apply_policy(model, policy("freeze-experts"), new_blocks()) == {"grown_rows": GROW}
+    assert all(p.requires_grad for p in dense_params(model))
+    for name, layer in model.peer_layers().items():
+        u0, keys0, cols0 = old[name]
+        assert (layer.n_rows, layer.frozen_rows) == (ROWS + GROW, ROWS)
+        assert layer.trainable_start == ROWS * COLS and layer.num_experts == (ROWS + GROW) * COLS
+        assert layer.row_keys.shape == (GROW, 8) and layer.row_keys.requires_grad  # only the new rows
+        assert not layer.col_keys.requires_grad
+        assert all(p.requires_grad for p in query_params(layer)) and not layer.query_frozen
+        assert torch.equal(layer.expert_u[: ROWS * COLS], u0)
+        assert torch.equal(layer.frozen_row_keys, keys0) and torch.equal(layer.col_keys, cols0)
+        assert [s.frozen for s in layer.shards] == [True, False]
+    groups = model.param_groups()
+    assert groups["dense"] and groups["query"]
+    assert {id(p) for p in groups["key"]} == {id(l.row_keys) for l in model.peer_layers().values()}
+
+
+def test_freeze_all_trains_only_the_new_rows(model):
+    apply_policy(model, policy("freeze-all"), new_blocks())
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert trainable == {id(l.row_keys) for l in model.peer_layers().values()}
+    for layer in model.peer_layers().values():
+        assert layer.row_keys.shape == (GROW, 8) and layer.frozen_rows == ROWS
+        assert layer.query_frozen and not any(p.requires_grad for p in query_params(layer))
+    groups = model.param_groups()
+    assert groups["dense"] == [] and groups["query"] == [] and len(groups["expert"]) == 2
+    model.train()
+    for layer in model.peer_layers().values():
+        assert layer.training and not layer.query_norm.training  # frozen BatchNorm statistics
+    norm = model.peer_layers()["blocks.0.ffn"].query_norm
+    stats = norm.running_mean.clone()
+    model(torch.from_numpy(new_blocks()[:, :-1]))
+    assert torch.equal(norm.running_mean, stats)
+
+
+def test_a_later_freeze_experts_cycle_trains_the_queries_again(model):
+    apply_policy(model, policy("freeze-all"), new_blocks())
+    apply_policy(model, policy("freeze-experts"), new_blocks(seed=1))
+    model.train()
+    for layer in model.peer_layers().values():
+        assert (layer.n_rows, layer.frozen_rows) == (ROWS + 2 * GROW, ROWS + GROW)
+        assert not layer.query_frozen and layer.query_norm.training
+        assert all(p.requires_grad for p in query_params(layer))
+    assert all(p.requires_grad for p in dense_params(model))
+
+
+def test_init_new_keys_shape_norm_and_seed(model):
+    blocks = new_blocks()
+    keys = init_new_keys(model, blocks, 5, seed=0)
+    assert set(keys) == set(model.peer_layers())
+    for name, layer in model.peer_layers().items():
+        k = keys[name]
+        assert k.shape == (5, 8) and k.dtype == layer.expert_u.dtype
+        largest = layer.all_row_keys().detach().norm(dim=1).max()
+        torch.testing.assert_close(k.norm(dim=1), largest.expand(5))
+        assert layer._recording is None
+    again = init_new_keys(model, blocks, 5, seed=0)
+    assert all(torch.equal(keys[n], again[n]) for n in keys)
+    other = init_new_keys(model, blocks, 5, seed=1)
+    assert not all(torch.equal(keys[n], other[n]) for n in keys)
+
+
+def test_init_new_keys_with_fewer_queries_than_rows(model):
+    keys = init_new_keys(model, new_blocks(1)[:, :3], 40, seed=0)  # 2 tokens x 2 heads = 4 queries
+    for name, layer in model.peer_layers().items():
+        assert keys[name].shape == (40, 8)
+        assert bool(torch.isfinite(keys[name]).all())
+        torch.testing.assert_close(keys[name].norm(dim=1), layer.all_row_keys().detach().norm(dim=1).max().expand(40))
+
+
+def test_grown_keys_come_from_the_new_data_and_route_it_to_new_experts(model):
+    blocks = new_blocks(8)
+    expected = init_new_keys(copy.deepcopy(model), blocks, GROW, seed=7)
+    by_queries, by_random = copy.deepcopy(model), copy.deepcopy(model)
+    apply_policy(by_queries, policy("freeze-experts", seed=7), blocks)
+    torch.manual_seed(0)
+    apply_policy(by_random, policy("freeze-experts", key_init="random"), blocks)
+    shares = {}
+    for label, m in (("queries", by_queries), ("random", by_random)):
+        m.eval()
+        with recording(m.peer_layers(), usage=True) as recs, torch.no_grad():
+            m(torch.from_numpy(blocks[:, :-1]))
+        shares[label] = [float(recs[n].usage[l.trainable_start :].sum() / recs[n].usage.sum()) for n, l in m.peer_layers().items()]
+    for name, layer in by_queries.peer_layers().items():
+        torch.testing.assert_close(layer.row_keys.detach(), expected[name])
+    for name, layer in by_random.peer_layers().items():
+        assert layer.n_rows == ROWS + GROW and layer.row_keys.shape == (GROW, 8)  # random also grows
+        assert not torch.allclose(layer.row_keys.detach(), expected[name])
+    # the new rows are 3/11 of the grid; keys from the new data's queries take more than that
+    assert min(shares["queries"]) > GROW / (ROWS + GROW)
+    assert np.mean(shares["queries"]) > np.mean(shares["random"]) + 0.15
