@@ -144,7 +144,7 @@ def run_cycle(
                 store, model, origin=origin, parent=parent.id, ref=ref, metrics=metrics,
                 cursors={**parent.cursors, stream: data.new_cursor}, optimizer=trained.optimizer_state,
                 message=f"cycle {c.id}: {stream} ({cfg.policy}, +{growth['grown_rows']} rows/layer)",
-                created_by=f"cycle:{c.id}", run_config={"cycle": config_to_dict(cfg)},
+                created_by=f"cycle:{c.id}", run_config={"cycle": config_to_dict(dataclasses.replace(cfg, train=trained.config))},
             ).version
             row.outcome = ("candidate" if guard_failed else "committed", version.id, {"ref": ref})
             if guard_failed:  # guard: HEAD did not move

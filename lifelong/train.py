@@ -30,6 +30,7 @@ class TrainResult:
     tokens: int = 0
     seconds: float = 0.0
     eval_losses: list[tuple[int, float]] = field(default_factory=list)
+    config: TrainConfig | None = None  # the configuration it ran with
     replayed_rows: int = 0  # batch rows marked as replay
     distilled_rows: int = 0  # replayed rows that also paid the distillation loss
     optimizer_state: dict[str, Tensor] = field(default_factory=dict)  # flat, safetensors-ready
@@ -134,7 +135,7 @@ def train(
     resumed = _load_optimizers(adamw, rows, optimizer_state or {})
 
     model.train()
-    result = TrainResult(steps=0, final_loss=float("nan"), resumed_optimizer=resumed)
+    result = TrainResult(steps=0, final_loss=float("nan"), resumed_optimizer=resumed, config=cfg)
     start = time.perf_counter()
     bar = tqdm(range(cfg.steps), desc="train", unit="step", disable=not progress, leave=False)
     for step in bar:

@@ -9,7 +9,6 @@ is one transaction).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import signal
 import sys
 from collections.abc import Iterator
@@ -138,7 +137,7 @@ def cmd_cycle(args: argparse.Namespace) -> int:
             "head": store.head(),
             "seconds": result.seconds,
             "experts_added": result.metrics.get("experts", 0) - parent_experts,
-            "config": dataclasses.asdict(cfg),
+            "config": store.version(result.version).config["run"]["cycle"],  # as resolved and saved with the version
             "metrics": result.metrics,
         })
     else:

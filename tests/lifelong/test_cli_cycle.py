@@ -47,15 +47,20 @@ def test_cycle_guard_and_eval(store_dir, capsys):
     assert res["experts_added"] == 2 * 8 and set(res["metrics"]["losses"]) == {"a"}
     assert (store_dir / "tensorboard").is_dir()
 
-    # The version records the resolved cycle config: defaults < flags, every field.
+    # The version records the resolved cycle config (defaults < flags, every field), its
+    # training config as run: the steps and warm-up the cycle derived from the data.
     resolved = config_to_dict(cycle_config({"grow_rows": 2, "token_budget": 20000, "eval_tokens": 2048, "batch_size": 8}))
     code, out, _ = run(store_dir, "show", "HEAD", "--json", capsys=capsys)
-    assert code == 0 and json.loads(out)["config"]["run"]["cycle"] == resolved
+    saved = json.loads(out)["config"]["run"]["cycle"]
+    assert code == 0 and {**saved, "train": None} == {**resolved, "train": None}
+    derived = {"steps": None, "warmup_steps": None}
+    assert {**saved["train"], **derived} == {**resolved["train"], **derived}
+    assert saved["train"]["steps"] == res["metrics"]["steps"]
     code, out, _ = run(store_dir, "show", "HEAD", capsys=capsys)
     assert code == 0 and "resolved config of the run that made it:" in out
     lines = out.splitlines()
-    for line in ("cycle.policy: freeze-experts", "cycle.grow_rows: 2", "cycle.token_budget: 20000", "cycle.train.batch_size: 8",
-                 f"cycle.train.lr: {resolved['train']['lr']}", "cycle.max_forgetting: None"):
+    for line in ("cycle.policy: freeze-experts", "cycle.grow_rows: 2", "cycle.token_budget: 20000", "cycle.max_forgetting: None",
+                 "cycle.train.batch_size: 8", f"cycle.train.lr: {resolved['train']['lr']}", f"cycle.train.steps: {res['metrics']['steps']}"):
         assert f"  {line}" in lines, line
 
     # The guard: any forgetting trips it; the version is a candidate, HEAD stays, exit 0 but loud.
