@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from lifelong.config import ModelConfig, PEERConfig, config_to_dict
+from lifelong.model import PEERLM
 
 TINY_PEER = dict(d_model=32, heads=2, top_k=4, d_key=16, n_rows=8, n_cols=8)
 TINY_MODEL = dict(d_model=32, n_layers=2, n_heads=2, block_size=64)
@@ -37,6 +39,17 @@ def tiny_config() -> Callable[..., ModelConfig]:
 
     Session-scoped (it holds no state), so module-scoped fixtures can build stores with it."""
     return make_tiny_config
+
+
+@pytest.fixture
+def tiny_model() -> Callable[..., PEERLM]:
+    """A factory: ``tiny_model(seed=0, **overrides) -> PEERLM`` of ``tiny_config(**overrides)``."""
+
+    def build(seed: int = 0, **overrides: Any) -> PEERLM:
+        torch.manual_seed(seed)
+        return PEERLM(make_tiny_config(**overrides))
+
+    return build
 
 
 @pytest.fixture

@@ -32,9 +32,8 @@ PAD = 257
 
 
 @pytest.fixture
-def model(tiny_config) -> PEERLM:
-    torch.manual_seed(0)
-    return PEERLM(tiny_config(block_size=L, peer_layers=[0, 1]))
+def model(tiny_model) -> PEERLM:
+    return tiny_model(block_size=L, peer_layers=[0, 1])
 
 
 def token_blocks(n: int, seed: int = 0) -> np.ndarray:

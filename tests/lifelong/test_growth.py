@@ -20,9 +20,8 @@ GROW = 3
 
 
 @pytest.fixture
-def model(tiny_config) -> PEERLM:
-    torch.manual_seed(0)
-    return PEERLM(tiny_config(block_size=L, peer_layers=[0, 1]))
+def model(tiny_model) -> PEERLM:
+    return tiny_model(block_size=L, peer_layers=[0, 1])
 
 
 def new_blocks(n: int = 4, seed: int = 0) -> np.ndarray:

@@ -25,10 +25,9 @@ def blocks(n: int, lo: int = 0, hi: int = 256, seed: int = 0) -> np.ndarray:
 
 
 @pytest.fixture
-def make_model(tiny_config):
+def make_model(tiny_model):
     def make(seed: int = 0, **overrides) -> PEERLM:
-        torch.manual_seed(seed)
-        return PEERLM(tiny_config(block_size=L, **overrides))
+        return tiny_model(seed, block_size=L, **overrides)
 
     return make
 
