@@ -7,11 +7,14 @@ Typical use::
     store = ExpertStore.init("run/store", config={"d_model": 256})
     v1 = store.commit(shards=[NewShard("blocks.0.peer", 0, 64, 64 * 128, tensors)],
                       dense=dense, message="first", parent=None)
+    v2 = store.commit(shards=[DeltaShard(v1.shards[0].id, {"u": (ids, rows)})],
+                      dense=dense, message="sparse update", parent=v1.id)
     store.rollback("HEAD~1")
 """
 
 from __future__ import annotations
 
+from .delta import MAX_DELTA_CHAIN
 from .diff import LayerDiff, VersionDiff
 from .errors import (
     BudgetExceededError,
@@ -30,6 +33,7 @@ from .errors import (
 )
 from .objects import atomic_write
 from .records import (
+    DeltaShard,
     ExistingShard,
     GcResult,
     NewShard,
@@ -47,6 +51,8 @@ __all__ = [
     "ExpertStore",
     "NewShard",
     "ExistingShard",
+    "DeltaShard",
+    "MAX_DELTA_CHAIN",
     "ShardInfo",
     "VersionInfo",
     "RefInfo",

@@ -25,8 +25,9 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 
 from .errors import NotAStoreError, ReadOnlyStoreError, StoreError, StoreExistsError
+from .migrate import read_old_schema, upgrade
 from .objects import atomic_write, is_read_only_error
-from .schema import check_schema, create_schema, make_engine, read_meta
+from .schema import SCHEMA_VERSION, check_schema, create_schema, make_engine, read_meta
 from .validation import check_json
 
 __all__ = ["MARKER", "FORMAT", "DB_FILE", "OBJECTS_DIR", "Connected", "create", "connect",
@@ -112,14 +113,35 @@ def connect(path: Path, url: str | None, read_only: bool) -> Connected:
     engine = make_engine(url or f"sqlite:///{path / DB_FILE}")
     try:
         meta = read_meta(engine)
-        check_schema(meta)
+        found = check_schema(meta)
         if meta.get("store_id") != marker.get("store_id"):
             raise NotAStoreError(f"database {engine.url!r} belongs to another store than {path}")
+        if found < SCHEMA_VERSION:
+            engine, read_only = _upgrade_or_read_old(path, engine, found, read_only)
     except StoreError:
         engine.dispose()
         raise
     return Connected(path, engine, json.loads(meta.get("config", "{}")), marker["store_id"],
                      read_only, database)
+
+
+def _upgrade_or_read_old(path: Path, engine: Engine, found: int, read_only: bool) -> tuple[Engine, bool]:
+    """Upgrade an older database in place; read-only (or unwritable), read it as it is."""
+    if not read_only:
+        try:
+            with read_only_guard(path):
+                upgrade(engine)
+            return engine, False
+        except ReadOnlyStoreError:
+            read_only = True  # SQLite refuses to write it: open for reading
+    fresh = make_engine(engine.url.render_as_string(hide_password=False))
+    engine.dispose()
+    try:
+        read_old_schema(fresh, found)
+    except StoreError:
+        fresh.dispose()
+        raise
+    return fresh, read_only
 
 
 def _writable(path: Path) -> bool:

@@ -23,12 +23,13 @@ import secrets
 import struct
 import time
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Union
+from typing import BinaryIO, TypeVar, Union
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from .errors import CorruptObjectError, MissingObjectError, ReadOnlyStoreError
@@ -40,6 +41,8 @@ __all__ = [
     "ObjectInfo",
     "ObjectStore",
     "serialize_tensors",
+    "run_writes",
+    "TensorSpec",
     "TEMP_MARKER",
 ]
 
@@ -65,6 +68,18 @@ _DTYPES: dict[torch.dtype, str] = {
     torch.uint32: "U32",
     torch.uint64: "U64",
 }
+
+_BY_NAME: dict[str, torch.dtype] = {name: dtype for dtype, name in _DTYPES.items()}
+
+#: A tensor's dtype and shape, as an object's header describes it.
+TensorSpec = tuple[torch.dtype, tuple[int, ...]]
+
+#: Object writes a commit runs at once: the hashing, page-cache copy and fsync of one
+#: overlap another's (hashlib, file writes and fsync release the GIL).
+WRITERS = 2
+
+K = TypeVar("K")
+T = TypeVar("T")
 
 _READ_ONLY_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS}
 
@@ -152,6 +167,15 @@ def serialize_tensors(tensors: Mapping[str, torch.Tensor]) -> tuple[bytes, list[
     return struct.pack("<Q", len(raw)) + raw, chunks
 
 
+def run_writes(jobs: Mapping[K, Callable[[], T]]) -> dict[K, T]:
+    """Run object writes, :data:`WRITERS` at a time; all end before an error propagates."""
+    if len(jobs) <= 1:
+        return {key: job() for key, job in jobs.items()}
+    with ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="expert-store-write") as pool:
+        futures = {key: pool.submit(job) for key, job in jobs.items()}
+        return {key: future.result() for key, future in futures.items()}
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     """Result of :meth:`ObjectStore.put`."""
@@ -234,6 +258,36 @@ class ObjectStore:
             raise MissingObjectError(f"object {hash} is missing ({path})", hash=hash)
         try:
             return load_file(path, device=str(device))
+        except (SafetensorError, ValueError, RuntimeError) as exc:
+            raise CorruptObjectError(f"object {hash} cannot be parsed: {exc}", hash=hash) from exc
+
+    def header(self, hash: str) -> dict[str, TensorSpec]:
+        """Dtype and shape of each tensor of an object, from its header alone (not verified)."""
+        path = self.path(hash)
+        try:
+            with open(path, "rb") as f:
+                (length,) = struct.unpack("<Q", f.read(8))
+                if length > 100 * 2**20:
+                    raise ValueError(f"header length {length} is implausible")
+                raw = json.loads(f.read(length))
+            return {
+                name: (_BY_NAME[entry["dtype"]], tuple(int(n) for n in entry["shape"]))
+                for name, entry in raw.items()
+                if name != "__metadata__"
+            }
+        except FileNotFoundError as exc:
+            raise MissingObjectError(f"object {hash} is missing ({path})", hash=hash) from exc
+        except (struct.error, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CorruptObjectError(f"object {hash} has an unreadable header: {exc!r}", hash=hash) from exc
+
+    def load_some(self, hash: str, names: list[str]) -> dict[str, torch.Tensor]:
+        """Only the tensors ``names`` of an object, on the CPU (not verified)."""
+        path = self.path(hash)
+        if not path.is_file():
+            raise MissingObjectError(f"object {hash} is missing ({path})", hash=hash)
+        try:
+            with safe_open(path, framework="pt") as f:
+                return {name: f.get_tensor(name) for name in names}
         except (SafetensorError, ValueError, RuntimeError) as exc:
             raise CorruptObjectError(f"object {hash} cannot be parsed: {exc}", hash=hash) from exc
 

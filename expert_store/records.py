@@ -18,6 +18,7 @@ from .schema import Reflog, Ref, Shard, Version
 __all__ = [
     "NewShard",
     "ExistingShard",
+    "DeltaShard",
     "ShardInfo",
     "VersionInfo",
     "RefInfo",
@@ -50,6 +51,21 @@ class ExistingShard:
     shard_id: int
 
 
+@dataclass
+class DeltaShard:
+    """Some rows of a stored shard replaced: stored as a delta object on that base shard.
+
+    ``rows`` maps a tensor name of the base to ``(ids, values)``: ``ids`` a (R,) int64
+    tensor of distinct indices along dim 0, ``values`` (R, ...) the replacement rows (same
+    dtype and trailing shape as the base tensor). Tensors not named are unchanged. The new
+    shard has the base's layer, row range, n_experts and dtype.
+    """
+
+    base_shard_id: int
+    rows: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    frozen: bool = False
+
+
 @dataclass(frozen=True)
 class ShardInfo:
     """A stored shard (one row of ``shards``)."""
@@ -61,14 +77,21 @@ class ShardInfo:
     row_end: int
     n_experts: int
     dtype: str
-    bytes: int  # tensor payload bytes: what the shard occupies once loaded
+    bytes: int  # tensor payload bytes: what the shard occupies once loaded (chain applied)
     frozen: bool
     created_by: str | None
     created_at: datetime
+    base_id: int | None = None  # the shard this one is a delta on; None for a full shard
+    depth: int = 0  # deltas between this shard and its full base (0 for a full shard)
+    object_bytes: int = 0  # tensor payload bytes of this shard's own object (the delta's)
 
     @property
     def rows(self) -> int:
         return self.row_end - self.row_start
+
+    @property
+    def is_delta(self) -> bool:
+        return self.base_id is not None
 
 
 @dataclass(frozen=True)
@@ -95,7 +118,13 @@ class VersionInfo:
 
     @property
     def shard_bytes(self) -> int:
+        """Bytes of the shards' tensors once loaded (what a residency budget counts)."""
         return sum(shard.bytes for shard in self.shards)
+
+    @property
+    def object_bytes(self) -> int:
+        """Bytes the shards' own objects store (a delta shard counts its delta only)."""
+        return sum(shard.object_bytes for shard in self.shards)
 
     @property
     def n_experts(self) -> int:
@@ -124,7 +153,7 @@ class ReflogEntry:
 class Problem:
     """One finding of :meth:`ExpertStore.verify`."""
 
-    kind: str  # "missing-object" | "corrupt-object" | "bad-row"
+    kind: str  # "missing-object" | "corrupt-object" | "bad-row" | "bad-delta"
     detail: str
     hash: str | None = None
     shard_ids: tuple[int, ...] = ()
@@ -162,6 +191,9 @@ def shard_info(row: Shard) -> ShardInfo:
         frozen=row.frozen,
         created_by=row.created_by,
         created_at=_utc(row.created_at),
+        base_id=row.base_id,
+        depth=row.depth or 0,
+        object_bytes=row.bytes if row.object_bytes is None else row.object_bytes,
     )
 
 

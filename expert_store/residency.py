@@ -6,6 +6,13 @@ share (same tensor objects, nothing read from disk), loads only the others and e
 shards the new version no longer has. A checkout that would exceed the budget is refused
 before anything is loaded or evicted.
 
+A delta shard whose base (or any shard of its chain) is resident can start from a copy of
+that and read only the later deltas (``reuse_bases``). That is the default off the CPU,
+where copying on the device beats reading, re-hashing and transferring the base. On the
+CPU it is off by default: a loaded object is a copy-on-write memory map of its file, so
+loading the base costs its re-hash and the pages the deltas touch, while a copy costs
+writing every byte again.
+
 Tensors handed out are the stored contents; callers that train a shard in place must
 clone it first, or the resident copy no longer matches its object.
 """
@@ -66,11 +73,13 @@ class Residency:
         device: Union[str, torch.device] = "cpu",
         budget_bytes: int | None = None,
         verify: bool = True,
+        reuse_bases: bool | None = None,
     ) -> None:
         self.store = store
         self.device = torch.device(device)
         self.budget_bytes = budget_bytes
         self.verify = verify
+        self.reuse_bases = self.device.type != "cpu" if reuse_bases is None else reuse_bases
         self.version: VersionInfo | None = None
         self._resident: dict[int, tuple[ShardInfo, Tensors]] = {}
 
@@ -126,7 +135,11 @@ class Residency:
             evicted += self.evict(unneeded)  # make room first; peak stays within budget
         loaded_bytes = 0
         for shard in missing:
-            tensors = self.store.load_shard(shard, self.device, verify=self.verify)
+            if shard.base_id is None or not self.reuse_bases:
+                tensors = self.store.load_shard(shard, self.device, verify=self.verify)
+            else:  # a delta shard: start from a resident shard of its chain when there is one
+                held = {sid: t for sid, (_, t) in self._resident.items()}
+                tensors = self.store.load_shard(shard, self.device, verify=self.verify, resident=held)
             self._resident[shard.id] = (shard, tensors)
             loaded_bytes += _nbytes(tensors)
         evicted += self.evict([sid for sid in unneeded if sid in self._resident])

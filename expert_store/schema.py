@@ -51,8 +51,9 @@ __all__ = [
     "WRITE",
 ]
 
-#: Bumped on every incompatible change of the tables below.
-SCHEMA_VERSION = 1
+#: Bumped on every change of the tables below; older databases are upgraded on open
+#: (:mod:`.migrate`). 2: ``shards.base_id``, ``depth``, ``object_bytes`` (delta shards).
+SCHEMA_VERSION = 2
 
 #: Execution option that marks a connection as a writer (``BEGIN IMMEDIATE`` on SQLite).
 WRITE = "expert_store_write"
@@ -77,7 +78,13 @@ class Meta(Base):
 
 
 class Shard(Base):
-    """One block of rows of one layer: row keys plus the experts' tensors, as one object."""
+    """One block of rows of one layer: row keys plus the experts' tensors, as one object.
+
+    A delta shard (``base_id`` set) stores only changed rows; its tensors are those of its
+    base shard with the delta applied. ``bytes`` is the loaded (materialised) payload,
+    ``object_bytes`` the payload of this row's own object (NULL in rows written by schema 1
+    code: equal to ``bytes``).
+    """
 
     __tablename__ = "shards"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -91,6 +98,9 @@ class Shard(Base):
     frozen: Mapped[bool] = mapped_column(Boolean)
     created_by: Mapped[str | None] = mapped_column(String(255), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    base_id: Mapped[int | None] = mapped_column(ForeignKey("shards.id"), nullable=True, index=True)
+    depth: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    object_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
 
 class Version(Base):
@@ -196,8 +206,9 @@ def read_meta(engine: Engine) -> dict[str, str]:
         raise NotAStoreError(f"cannot read store database {engine.url!r}: {exc.orig}") from exc
 
 
-def check_schema(meta: dict[str, str]) -> None:
-    """Refuse a database whose schema version is missing, unknown or newer than this code."""
+def check_schema(meta: dict[str, str]) -> int:
+    """The database's schema version; refuse one that is missing, unknown or newer than
+    this code. An older one is returned (the caller upgrades it, see :mod:`.migrate`)."""
     raw = meta.get("schema_version")
     try:
         found = int(raw) if raw is not None else None
@@ -210,8 +221,6 @@ def check_schema(meta: dict[str, str]) -> None:
             f"store database has schema version {found}, newer than this code's "
             f"{SCHEMA_VERSION}; upgrade expert_store to open it"
         )
-    if found < SCHEMA_VERSION:
-        raise SchemaVersionError(
-            f"store database has old schema version {found} (this code: {SCHEMA_VERSION}) "
-            "and no migration exists for it"
-        )
+    if found < 1:
+        raise SchemaVersionError(f"store database has unknown schema version {found}")
+    return found

@@ -4,7 +4,8 @@ The files on disk and how a store is created and opened are in :mod:`.layout`.
 
 A commit writes its objects first, then inserts shard and version rows and moves the ref
 (compare-and-swap) in one transaction. A crash before the transaction commits leaves only
-unreachable objects, which :meth:`ExpertStore.gc` removes.
+unreachable objects, which :meth:`ExpertStore.gc` removes. Delta shards (changed rows on a
+base shard) are in :mod:`.delta`.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from __future__ import annotations
 import getpass
 import os
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, Union
 
@@ -21,13 +24,14 @@ import torch
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from . import layout, maintenance
+from . import delta, layout, maintenance
 from .diff import VersionDiff, diff_versions
 from .errors import CorruptObjectError, ReadOnlyStoreError, UnknownShardError, UnknownVersionError
 from .layout import FORMAT, MARKER, OBJECTS_DIR, read_only_guard
 from .validation import check_json, check_overlaps, check_tensors, dtype_name
-from .objects import ObjectStore
+from .objects import ObjectInfo, ObjectStore, run_writes
 from .records import (
+    DeltaShard,
     ExistingShard,
     GcResult,
     NewShard,
@@ -47,6 +51,7 @@ from .schema import WRITE, Ref, Reflog, Shard, Version, VersionShard, utcnow
 __all__ = ["ExpertStore", "MARKER", "FORMAT"]
 
 Spec = Union[int, str]
+Tensors = dict[str, torch.Tensor]
 
 
 def default_who() -> str:
@@ -143,7 +148,7 @@ class ExpertStore:
     def commit(
         self,
         *,
-        shards: Sequence[NewShard | ExistingShard],
+        shards: Sequence[NewShard | ExistingShard | DeltaShard],
         dense: dict[str, torch.Tensor],
         message: str,
         parent: int | None,
@@ -161,16 +166,29 @@ class ExpertStore:
         one transaction inserts the rows and compare-and-swaps ``ref``: if the ref exists
         it must still point at ``parent`` (else :class:`ConflictError`, nothing changes);
         if it does not exist it is created. ``ref=None`` moves no ref.
+
+        A :class:`DeltaShard` is checked against its stored base before anything is
+        written, then stored as a delta object, or, when its chain would pass
+        :data:`~expert_store.delta.MAX_DELTA_CHAIN` deltas, as the full tensors (compaction).
         """
         self._require_writable()
         metrics = check_json("metrics", metrics)
         cursors = check_json("cursors", cursors)
         config = check_json("config", config)
         check_tensors(shards, dense)
+        bases = {id(s): delta.check_base(self, s) for s in shards if isinstance(s, DeltaShard)}
 
-        written = {id(s): self.objects.put(s.tensors) for s in shards if isinstance(s, NewShard)}
-        dense_obj = self.objects.put(dense)
-        optimizer_hash = self.objects.put(optimizer).hash if optimizer else None
+        jobs: dict[object, Callable[[], tuple[ObjectInfo, bool]]] = {"dense": partial(_put, self.objects, dense)}
+        if optimizer:
+            jobs["optimizer"] = partial(_put, self.objects, optimizer)
+        for s in shards:
+            if isinstance(s, NewShard):
+                jobs[id(s)] = partial(_put, self.objects, s.tensors)
+            elif isinstance(s, DeltaShard):
+                jobs[id(s)] = partial(delta.write, self, s, bases[id(s)])
+        written = run_writes(jobs)  # id(shard) | "dense" | "optimizer" -> (object, compacted)
+        dense_obj = written["dense"][0]
+        optimizer_hash = written["optimizer"][0].hash if optimizer else None
 
         now = utcnow()
         who = who or default_who()
@@ -184,19 +202,7 @@ class ExpertStore:
                     if row is None:
                         raise UnknownShardError(f"shard {shard.shard_id} does not exist")
                 else:
-                    obj = written[id(shard)]
-                    row = Shard(
-                        object_hash=obj.hash,
-                        layer=shard.layer,
-                        row_start=shard.row_start,
-                        row_end=shard.row_end,
-                        n_experts=shard.n_experts,
-                        dtype=dtype_name(shard.tensors),
-                        bytes=obj.payload_bytes,
-                        frozen=shard.frozen,
-                        created_by=created_by,
-                        created_at=now,
-                    )
+                    row = _shard_row(shard, *written[id(shard)], bases.get(id(shard)), created_by, now)
                     session.add(row)
                 rows.append(row)
             check_overlaps(rows)
@@ -268,6 +274,11 @@ class ExpertStore:
                 raise UnknownShardError(f"shard {shard_id} does not exist")
             return shard_info(row)
 
+    def shard_chain(self, shard: int | ShardInfo) -> list[ShardInfo]:
+        """A shard and the bases it is a delta on: full base first, the shard itself last."""
+        with self._read() as session:
+            return delta.chain(session, shard.id if isinstance(shard, ShardInfo) else shard)
+
     def shard_versions(self, shard_id: int) -> list[int]:
         """Ids of the versions that contain shard ``shard_id``."""
         with self._read() as session:
@@ -314,18 +325,18 @@ class ExpertStore:
 
     # ---------------------------------------------------------------- loading
 
-    def load_shard(self, shard: int | ShardInfo, device: str | torch.device = "cpu", verify: bool = True) -> dict[str, torch.Tensor]:
-        """The tensors of a shard on ``device``; :class:`CorruptObjectError` names shard and versions."""
+    def load_shard(self, shard: int | ShardInfo, device: str | torch.device = "cpu", verify: bool = True,
+                   *, resident: Mapping[int, Tensors] | None = None) -> Tensors:
+        """The tensors of a shard on ``device``, a delta shard's chain applied (bit-identical).
+
+        Every object read is re-hashed when ``verify``; :class:`CorruptObjectError` names
+        the shard, the chain member at fault and the versions that need it. ``resident``
+        (shard id -> tensors in memory that equal the stored ones, e.g. a
+        :class:`Residency`'s): the newest shard of the chain found there is copied instead
+        of read, and only the deltas after it are read and applied.
+        """
         info = shard if isinstance(shard, ShardInfo) else self.shard(shard)
-        try:
-            return self.objects.load(info.object_hash, device, verify)
-        except CorruptObjectError as exc:
-            versions = tuple(self.shard_versions(info.id))
-            raise type(exc)(
-                f"shard {info.id} (layer {info.layer!r}, rows {info.row_start}..{info.row_end}), "
-                f"used by version(s) {', '.join(map(str, versions)) or 'none'}: {exc}",
-                hash=info.object_hash, shard_id=info.id, version_ids=versions,
-            ) from exc
+        return delta.load(self, info, device, verify, resident)
 
     def load_dense(self, version: Spec = HEAD, device: str | torch.device = "cpu", verify: bool = True) -> dict[str, torch.Tensor]:
         """The dense (non-expert) weights of a version."""
@@ -363,3 +374,22 @@ class ExpertStore:
         with self._read() as session:
             return maintenance.gc(session, self.objects, dry_run=dry_run, grace_s=grace_s)
 
+
+
+def _put(objects: ObjectStore, tensors: Mapping[str, torch.Tensor]) -> tuple[ObjectInfo, bool]:
+    return objects.put(tensors), False
+
+
+def _shard_row(shard: NewShard | DeltaShard, obj: ObjectInfo, compacted: bool, base: ShardInfo | None,
+               created_by: str | None, now: datetime) -> Shard:
+    """The row of a written shard: new, a delta on ``base``, or a delta written in full (compacted)."""
+    common = dict(object_hash=obj.hash, object_bytes=obj.payload_bytes, frozen=shard.frozen,
+                  created_by=created_by, created_at=now)
+    if isinstance(shard, NewShard):
+        return Shard(layer=shard.layer, row_start=shard.row_start, row_end=shard.row_end,
+                     n_experts=shard.n_experts, dtype=dtype_name(shard.tensors), bytes=obj.payload_bytes,
+                     base_id=None, depth=0, **common)
+    assert base is not None
+    return Shard(layer=base.layer, row_start=base.row_start, row_end=base.row_end, n_experts=base.n_experts,
+                 dtype=base.dtype, bytes=base.bytes, base_id=None if compacted else base.id,
+                 depth=0 if compacted else base.depth + 1, **common)

@@ -9,10 +9,10 @@ from typing import Any
 import torch
 
 from .errors import InvalidCommitError
-from .records import ExistingShard, NewShard
+from .records import DeltaShard, ExistingShard, NewShard
 from .schema import Shard
 
-__all__ = ["check_json", "check_new_shard", "check_tensors", "check_overlaps", "dtype_name"]
+__all__ = ["check_json", "check_new_shard", "check_delta_shard", "check_tensors", "check_overlaps", "dtype_name"]
 
 
 def check_json(name: str, value: Any) -> dict[str, Any]:
@@ -48,15 +48,38 @@ def check_new_shard(shard: NewShard) -> None:
         raise InvalidCommitError(f"shard of {shard.layer!r} rows {shard.row_start}..{shard.row_end} has no tensors")
 
 
-def check_tensors(shards: Sequence[NewShard | ExistingShard], dense: dict[str, torch.Tensor]) -> None:
-    """Shards are NewShard/ExistingShard, new ones well formed; dense weights present."""
+def check_delta_shard(shard: DeltaShard) -> None:
+    """A delta names its base by id and maps tensor names to (ids, rows) tensor pairs.
+
+    Whether it fits its base (names, dtypes, shapes, ids in range and distinct) is checked
+    against the stored base by the commit (:func:`expert_store.delta.problems`).
+    """
+    if isinstance(shard.base_shard_id, bool) or not isinstance(shard.base_shard_id, int):
+        raise InvalidCommitError(f"a DeltaShard's base_shard_id must be an int, got {shard.base_shard_id!r}")
+    if not isinstance(shard.rows, dict):
+        raise InvalidCommitError(f"delta on shard {shard.base_shard_id}: rows must be a dict, not {type(shard.rows).__name__}")
+    for name, pair in shard.rows.items():
+        if not isinstance(name, str) or not name:
+            raise InvalidCommitError(f"delta on shard {shard.base_shard_id}: tensor names must be non-empty str, got {name!r}")
+        if not (isinstance(pair, tuple) and len(pair) == 2 and all(isinstance(t, torch.Tensor) for t in pair)):
+            raise InvalidCommitError(
+                f"delta on shard {shard.base_shard_id}, tensor {name!r}: expected (ids, rows) tensors, got {type(pair).__name__}"
+            )
+
+
+def check_tensors(shards: Sequence[NewShard | ExistingShard | DeltaShard], dense: dict[str, torch.Tensor]) -> None:
+    """Shards are NewShard/ExistingShard/DeltaShard, new ones well formed; dense weights present."""
     if not dense:
         raise InvalidCommitError("dense weights are empty; a version needs its dense weights")
     for shard in shards:
         if isinstance(shard, NewShard):
             check_new_shard(shard)
+        elif isinstance(shard, DeltaShard):
+            check_delta_shard(shard)
         elif not isinstance(shard, ExistingShard):
-            raise InvalidCommitError(f"shards must be NewShard or ExistingShard, not {type(shard).__name__}")
+            raise InvalidCommitError(
+                f"shards must be NewShard, ExistingShard or DeltaShard, not {type(shard).__name__}"
+            )
 
 
 def check_overlaps(shards: Sequence[Shard]) -> None:

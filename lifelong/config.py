@@ -28,7 +28,7 @@ __all__ = [
     "config_from_dict", "require", "add_cycle_flags", "cycle_settings", "cycle_config", "positive_int",
 ]
 
-POLICIES = ("full", "freeze-experts", "freeze-all")
+POLICIES = ("full", "freeze-experts", "freeze-all", "sparse")
 KEY_INITS = ("queries", "random")
 
 T = TypeVar("T")
@@ -191,7 +191,8 @@ class CycleConfig:
     """One growth cycle: what grows, what trains, on how much data, and the guard."""
 
     policy: str = _flag("freeze-experts", "full: fine-tune all, no growth; freeze-experts: grow, old experts and keys "
-                        "frozen, dense parts train; freeze-all: grow, only the new rows train", choices=POLICIES)
+                        "frozen, dense parts train; freeze-all: grow, only the new rows train; sparse: no growth, only "
+                        "the top-t experts per batch by TF-IDF train", choices=POLICIES)
     grow_rows: int = _flag(8, "rows added to every PEER layer (ignored by `full`)", type=positive_int, metavar="N")
     token_budget: int | None = _flag(1_000_000, "new tokens taken from the stream per cycle", "--budget", type=positive_int, metavar="TOKENS")
     epochs: float = _flag(1.0, "passes over the new data (sets the number of steps)", type=float)
@@ -201,6 +202,12 @@ class CycleConfig:
                                   type=float, metavar="WEIGHT")
     distill_temperature: float = _flag(1.0, "softmax temperature of the distillation", type=float, metavar="T")
     key_init: str = _flag("queries", "new row keys from k-means of the new data's queries, or random", choices=KEY_INITS)
+    routing_isolation: bool = _flag(True, "keep new row keys out of the top-k of earlier streams' query anchors, so old "
+                                    "text keeps its experts (growth policies)", action=argparse.BooleanOptionalAction)
+    top_t: int = _flag(256, "policy sparse: expert rows trained per batch and layer (top-t by TF-IDF against the "
+                       "background usage of earlier streams)", type=positive_int, metavar="N")
+    isolation_margin: float = _flag(0.1, "relative margin below an anchor's k-th old score that new rows must stay", type=float,
+                                    metavar="FRACTION")
     eval_tokens: int = _flag(32_768, "held-out tokens per stream (a stable prefix)", type=positive_int, metavar="TOKENS")
     max_forgetting: float | None = _flag(None, "guard: above this forgetting (nats) the version is kept as candidate/<cycle> "
                                          "and HEAD does not move", type=float, metavar="NATS")
@@ -220,6 +227,8 @@ class CycleConfig:
         require(self.key_init in KEY_INITS, "key_init", f"must be one of {', '.join(KEY_INITS)}, got {self.key_init!r}")
         require(self.epochs > 0, "epochs", "must be positive")
         require(self.eval_tokens > 0, "eval_tokens", "must be positive")
+        require(self.top_t > 0, "top_t", f"must be a positive integer, got {self.top_t}")
+        require(self.isolation_margin >= 0, "isolation_margin", f"must be >= 0, got {self.isolation_margin}")
 
 
 def _settings_fields() -> dict[str, tuple[type, dataclasses.Field]]:

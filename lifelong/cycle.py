@@ -28,10 +28,12 @@ from streams import StreamRegistry, pack_blocks
 from .checkpoint import checkout_model, commit_model
 from .config import CycleConfig, config_to_dict
 from .errors import LifelongError
-from .evaluate import continual_metrics, evaluate_loss, expert_usage, heldout_blocks, loss_matrix, stream_order
-from .growth import apply_policy
+from .evaluate import (continual_metrics, evaluate_loss, expert_usage, experts_when_trained, heldout_blocks, loss_matrix,
+                       routing_retention, stream_order)
+from .growth import Growth, apply_policy, record_anchors, record_background
 from .model import PEERLM, resolve_device, sample_text
 from .monitor import Monitor
+from .peer import recording
 from .records import Lease, finish_cycle, holder_name, start_cycle
 from .train import TrainResult, mixed_batches, replay_rows, train
 
@@ -105,7 +107,15 @@ def run_cycle(
         # ingest: the data after the parent's committed cursor
         data = registry.ingest(stream, parent.cursors.get(stream), cfg.token_budget)
         if data.train_docs == 0:
-            raise NothingPendingError(f"stream '{stream}' has nothing pending after version {parent.id}; no version was made")
+            raise NothingPendingError(f"stream '{stream}' has nothing pending after version {parent.id} (held-out documents "
+                                      "are never trained on); no version was made")
+        heldout_warning = registry.heldout_warning(stream)
+        if heldout_warning:
+            log(f"warning: {heldout_warning}")
+        if cfg.policy != "full" and not any(v.metrics.get("stream") for v in store.log(parent.id)):
+            log(f"version {parent.id} has never been trained: this cycle trains it in full (policy full: no growth, "
+                f"nothing frozen) instead of {cfg.policy}, which would freeze untrained experts for good")
+            cfg = dataclasses.replace(cfg, policy="full")
         with _cycle_row(store, stream, cfg, parent.id, holder) as row:
             c = _Cycle(row.id, store, registry, stream, cfg, parent, resolve_device(device), should_stop, monitor, progress, log)
             model, origin = checkout_model(store, parent.id, device=c.device)
@@ -118,8 +128,11 @@ def run_cycle(
 
             torch.manual_seed(cfg.seed)
             growth = apply_policy(model, cfg, new_blocks)  # grow
+            if cfg.policy != "full" and cfg.routing_isolation and growth.isolation is None:
+                log(f"cycle {c.id}: version {parent.id} has no query anchors (made before them, or by a dense model): "
+                    "growth without routing isolation")
 
-            trained = _train(c, model, new_blocks, data.train_token_count)  # train
+            trained = _train(c, model, new_blocks, data.train_token_count, growth)  # train
             if should_stop is not None and should_stop():
                 raise CycleInterrupted(f"cycle {c.id} stopped after {trained.steps} steps; no version was committed")
 
@@ -130,8 +143,13 @@ def run_cycle(
                 replayed_rows=trained.replayed_rows, distilled_rows=trained.distilled_rows, new_docs=data.train_docs,
                 new_tokens=data.train_token_count, bad_rows=data.bad_rows,
                 global_step=int(parent.metrics.get("global_step", 0)) + trained.steps, resumed_optimizer=trained.resumed_optimizer,
-                experts=sum(layer.num_experts for layer in model.peer_layers().values()), **growth,
+                experts=sum(layer.num_experts for layer in model.peer_layers().values()), **growth.info,
             )
+            if growth.isolation is not None:
+                metrics["isolation_violations"] = growth.isolation.violations()
+            # This stream's queries and expert usage, kept for later cycles (isolation, sparse) with no text.
+            metrics["anchors"] = record_anchors(model, new_blocks, seed=cfg.seed)
+            metrics["background_batches"] = record_background(model, new_blocks, cfg.train.batch_size)
 
             worst = max(metrics["forgetting"].values(), default=0.0)
             guard_failed = cfg.max_forgetting is not None and worst > cfg.max_forgetting
@@ -143,14 +161,14 @@ def run_cycle(
             version = commit_model(  # commit: the version, the stream's new cursor and the ref move in one transaction
                 store, model, origin=origin, parent=parent.id, ref=ref, metrics=metrics,
                 cursors={**parent.cursors, stream: data.new_cursor}, optimizer=trained.optimizer_state,
-                message=f"cycle {c.id}: {stream} ({cfg.policy}, +{growth['grown_rows']} rows/layer)",
+                message=f"cycle {c.id}: {stream} ({cfg.policy}, +{growth.info['grown_rows']} rows/layer)",
                 created_by=f"cycle:{c.id}", run_config={"cycle": config_to_dict(dataclasses.replace(cfg, train=trained.config))},
             ).version
             row.outcome = ("candidate" if guard_failed else "committed", version.id, {"ref": ref})
             if guard_failed:  # guard: HEAD did not move
                 log(f"guard: forgetting {worst:.3f} nats > max_forgetting {cfg.max_forgetting}: version {version.id} kept as "
                     f"'{ref}', HEAD stays at {parent.id} (automatic rollback)")
-            _log_cycle(c, model, metrics, usage_counts, usage_blocks)
+            _log_cycle(c, model, version.id, metrics, usage_counts, usage_blocks)
         registry.clear_staged(stream)
     return CycleResult(c.id, stream, cfg.policy, version.id, parent.id, ref, metrics, time.perf_counter() - t_start)
 
@@ -203,7 +221,7 @@ def _replay_blocks(c: _Cycle, new_tokens: int, block_size: int, pad_id: int) -> 
     return pack_blocks(np.concatenate(parts), block_size, pad_id=pad_id, seed=c.cfg.seed).astype(np.int64) if parts else None
 
 
-def _train(c: _Cycle, model: PEERLM, new_blocks: np.ndarray, new_tokens: int) -> TrainResult:
+def _train(c: _Cycle, model: PEERLM, new_blocks: np.ndarray, new_tokens: int, growth: Growth) -> TrainResult:
     """Train on the new blocks (plus replay and distillation) for ``epochs`` passes."""
     cfg, mc = c.cfg, model.config
     replay = _replay_blocks(c, new_tokens, mc.block_size, mc.pad_id)
@@ -220,6 +238,7 @@ def _train(c: _Cycle, model: PEERLM, new_blocks: np.ndarray, new_tokens: int) ->
         progress=c.progress, should_stop=c.should_stop, teacher=teacher, distill_weight=cfg.distill_weight,
         distill_temperature=cfg.distill_temperature,
         optimizer_state=c.store.load_optimizer(c.parent.id, c.device) if c.parent.optimizer_hash else None,
+        after_step=growth.after_step, select_rows=growth.sparse,
     )
 
 
@@ -229,11 +248,20 @@ def _evaluate(c: _Cycle, model: PEERLM, held_new: np.ndarray, usage_blocks: np.n
     mc = model.config
     chain = list(reversed(c.store.log(c.parent.id)))
     losses: dict[str, float | None] = {}
+    retention: dict[str, float | None] = {}
     for s in stream_order(chain, c.parent.cursors, c.stream):
         blocks = held_new if s == c.stream else heldout_blocks(c.registry, s, mc.block_size, mc.pad_id, c.cfg.eval_tokens)
-        losses[s] = evaluate_loss(model, blocks) if len(blocks) else None
+        if not len(blocks):
+            losses[s] = None
+            continue
+        with recording(model.peer_layers(), usage=True) as recs:
+            losses[s] = evaluate_loss(model, blocks)
+        then = experts_when_trained(chain, s) if s != c.stream else None
+        if then is not None and recs:
+            retention[s] = routing_retention({n: r.usage for n, r in recs.items() if r.usage is not None}, then)
     metrics: dict[str, Any] = {
         "stream": c.stream, "policy": c.cfg.policy, "cycle": c.id, "losses": losses, "baseline_loss": math.log(mc.vocab_size),
+        "routing_retention": retention,  # per earlier stream: router weight still on the experts it was trained with
     }
     metrics.update(continual_metrics(loss_matrix(chain + [SimpleNamespace(id=-1, metrics=metrics)])))
     counts: dict[str, torch.Tensor] = {}
@@ -241,13 +269,15 @@ def _evaluate(c: _Cycle, model: PEERLM, held_new: np.ndarray, usage_blocks: np.n
     return metrics, counts
 
 
-def _log_cycle(c: _Cycle, model: PEERLM, metrics: dict[str, Any], counts: dict[str, torch.Tensor], blocks: np.ndarray) -> None:
-    """TensorBoard figures and a sample. The version is committed: a failure here must not
-    fail the cycle."""
+def _log_cycle(c: _Cycle, model: PEERLM, version: int, metrics: dict[str, Any], counts: dict[str, torch.Tensor],
+               blocks: np.ndarray) -> None:
+    """TensorBoard figures (the loss matrix as an image too) and a sample. The version is
+    committed: a failure here must not fail the cycle."""
     if c.monitor is None:
         return
     try:
         sample = sample_text(model, blocks[0, :16].tolist(), 96, seed=c.cfg.seed)
-        c.monitor.cycle(c.id, metrics, model, usage_counts=counts, sample=sample)
+        matrix = loss_matrix(list(reversed(c.store.log(c.parent.id))) + [SimpleNamespace(id=version, metrics=metrics)])
+        c.monitor.cycle(c.id, metrics, model, usage_counts=counts, sample=sample, matrix=matrix)
     except Exception as exc:  # noqa: BLE001
         c.log(f"warning: TensorBoard logging of cycle {c.id} failed: {exc}")

@@ -27,7 +27,7 @@ from .peer import recording
 
 __all__ = [
     "evaluate_loss", "heldout_blocks", "LossMatrix", "loss_matrix", "stream_order", "expert_usage",
-    "continual_metrics", "kl_to_uniform",
+    "continual_metrics", "kl_to_uniform", "routing_retention", "experts_when_trained",
 ]
 
 
@@ -199,8 +199,29 @@ def expert_usage(
         assert u is not None
         if counts is not None:
             counts[name] = u.cpu()
-        out[name] = {"used_share": float((u > 0).double().mean()), "kl_uniform": kl_to_uniform(u), "experts": int(u.numel())}
+        kl = kl_to_uniform(u)
+        out[name] = {"used_share": float((u > 0).double().mean()), "kl_uniform": kl if math.isfinite(kl) else None, "experts": int(u.numel())}
     return out
+
+
+def routing_retention(usage: dict[str, torch.Tensor], experts_then: dict[str, int]) -> float | None:
+    """Share of the router weight in ``usage`` ({layer: (N,) weight per expert}, e.g. an old
+    stream's held-out text under the current model) that falls on the experts each layer had
+    when that stream was trained (ids below ``experts_then[layer]``). None without weight."""
+    total = sum(float(u.sum()) for u in usage.values())
+    if total <= 0:
+        return None
+    return sum(float(u[: experts_then.get(name, u.numel())].sum()) for name, u in usage.items()) / total
+
+
+def experts_when_trained(chain: list[Any], stream: str) -> dict[str, int] | None:
+    """Experts per PEER layer in the last version of ``chain`` that trained ``stream``."""
+    for v in reversed(chain):
+        if v.metrics.get("stream") == stream:
+            geometry = v.config.get("layers", {})
+            cols = v.config.get("model", {}).get("peer", {}).get("n_cols")
+            return {name: int(g["n_rows"]) * int(cols) for name, g in geometry.items()} if cols else None
+    return None
 
 
 def continual_metrics(matrix: LossMatrix) -> dict[str, Any]:
@@ -208,7 +229,7 @@ def continual_metrics(matrix: LossMatrix) -> dict[str, Any]:
     last = [x for x in matrix.values[-1] if x is not None] if matrix.values else []
     forgetting = matrix.forgetting()
     return {
-        "mean_heldout_loss": float(np.mean(last)) if last else math.nan,
+        "mean_heldout_loss": float(np.mean(last)) if last else None,  # None: no stream has held-out text
         "forgetting": forgetting,
         "mean_forgetting": float(np.mean(list(forgetting.values()))) if forgetting else 0.0,
         "backward_transfer": matrix.backward_transfer(),

@@ -5,25 +5,53 @@
   column codebook are frozen (bit-identical from now on); dense parts and queries train.
 - ``freeze-all``: the same growth, and everything old is frozen: only the new rows' keys
   and experts train.
+- ``sparse``: sparse memory finetuning (Lin et al. 2025, arXiv 2510.15103). No growth;
+  everything is frozen except, per batch and layer, the ``top_t`` experts the batch uses
+  much more than the background does, ranked by TF-IDF: term frequency = the batch's
+  retrieval counts, document frequency = in how many background batches (of the streams
+  trained so far, kept per expert in ``PEERLayer.background``: no old text needed) the
+  expert was retrieved.
 
 New row keys start from the new data's queries (``key_init="queries"``): k-means centres
 of the row halves of the queries the new stream produces, so new experts are reached by
 the new domain from the first step.
+
+**Routing isolation** (``routing_isolation``, on by default for the growth policies): old
+streams' text must keep retrieving the experts it retrieved before. Every cycle keeps a
+sample of the queries it trained on in each PEER layer (``PEERLayer.anchors``: queries, no
+text, committed with the version). Before a growth, each anchor ``a`` gets the most a new
+row's half score ``q1(a) . c`` may reach without the new row's experts entering the anchor's
+top-k: ``s_k(a) - max_j q2(a) . C2_j`` (its k-th old score minus its best column score; the
+column codebook and the old keys are frozen, so the bound stays valid), less a margin.
+After every optimizer step (and right after growth) the new row keys are projected back into
+that region. The new rows then never outrank an anchor's old top-k, so old-domain queries
+keep their experts while new-domain queries, away from the anchors, move to the new ones.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
-from .config import CycleConfig
+from .config import CycleConfig, require
+from .errors import ConfigError
 from .evaluate import evaluate_loss
 from .model import PEERLM
-from .peer import recording
+from .peer import PEERLayer, product_key_topk, recording
 
-__all__ = ["apply_policy", "init_new_keys"]
+__all__ = [
+    "Growth", "RoutingIsolation", "SparseSelection", "apply_policy", "init_new_keys", "record_anchors", "record_background",
+    "ANCHORS_PER_STREAM", "MAX_ANCHORS",
+]
+
+ANCHORS_PER_STREAM = 4096  # query vectors (token x head) kept per layer from each cycle's stream
+MAX_ANCHORS = 16384  # per layer; older anchors are subsampled to stay within it
+_PROJECTION_STEPS = 50
 
 
 @torch.no_grad()
@@ -58,18 +86,155 @@ def init_new_keys(model: PEERLM, blocks: np.ndarray, rows: int, *, seed: int = 0
     return out
 
 
-def apply_policy(model: PEERLM, cfg: CycleConfig, new_blocks: np.ndarray) -> dict[str, Any]:
-    """Grow and freeze ``model`` according to ``cfg.policy``; returns what was done (for metrics)."""
+@dataclass
+class RoutingIsolation:
+    """Keeps the trainable (new) row keys of each layer out of its anchors' top-k."""
+
+    layers: dict[str, PEERLayer]
+    q1: dict[str, Tensor]  # (A, dk/2) row halves of the anchors
+    allowed: dict[str, Tensor]  # (A,) the most q1(a) . c may reach for a new row key c
+
+    @classmethod
+    @torch.no_grad()
+    def before_growth(cls, model: PEERLM, margin: float) -> RoutingIsolation | None:
+        """Bounds from the current (frozen) keys; None when no layer has anchors."""
+        layers, q1s, allowed = {}, {}, {}
+        for name, layer in model.peer_layers().items():
+            if layer.anchors.shape[0] == 0:
+                continue
+            q = layer.anchors.to(layer.col_keys)  # (A, dk)
+            scores, _ = product_key_topk(q, layer.all_row_keys().detach(), layer.col_keys.detach(), layer.config.top_k)  # (A, k)
+            q1, q2 = q.chunk(2, dim=-1)  # (A, dk/2) each
+            bound = scores[:, -1] - (q2 @ layer.col_keys.detach().t()).amax(-1)  # (A,) s_k(a) - max_j q2 . C2_j
+            layers[name], q1s[name], allowed[name] = layer, q1, bound - margin * bound.abs()
+        return cls(layers, q1s, allowed) if layers else None
+
+    @torch.no_grad()
+    def project(self) -> int:
+        """Move every violating new row key onto the allowed region (alternating projections
+        onto the most violated anchor's half-space, then shrinking what still violates).
+        Returns the number of keys that had to move."""
+        moved = 0
+        for name, layer in self.layers.items():
+            c, q1, allowed = layer.row_keys.data, self.q1[name], self.allowed[name]  # (r, dk/2), (A, dk/2), (A,)
+            touched = torch.zeros(c.shape[0], dtype=torch.bool, device=c.device)
+            for _ in range(_PROJECTION_STEPS):
+                worst, a = (c @ q1.t() - allowed).max(dim=1)  # (r,)
+                bad = worst > 0
+                if not bool(bad.any()):
+                    break
+                touched |= bad
+                qa = q1[a[bad]]  # (b, dk/2)
+                c[bad] -= (worst[bad] / (qa * qa).sum(1).clamp_min(1e-12)).unsqueeze(1) * qa
+            dots = c @ q1.t()  # (r, A)
+            over = (dots > allowed) & (dots > 0) & (allowed > 0)  # shrinking toward 0 fixes these
+            if bool(over.any()):
+                ratio = torch.where(over, allowed / dots.clamp_min(1e-12), torch.ones_like(dots)).amin(1)  # (r,)
+                touched |= ratio < 1
+                c.mul_(ratio.clamp(max=1.0).unsqueeze(1))
+            moved += int(touched.sum())
+        return moved
+
+    def violations(self) -> int:
+        """(anchor, new row) pairs where the new row would enter the anchor's top-k."""
+        return sum(int((layer.row_keys.detach() @ self.q1[n].t() > self.allowed[n]).sum()) for n, layer in self.layers.items())
+
+
+@dataclass
+class SparseSelection:
+    """Per batch and layer, the ``top_t`` experts by TF-IDF against the background usage."""
+
+    idf: list[Tensor]  # per layer (in peer_layers() order): (N,) log((B + 1) / (df + 1))
+    top_t: int
+
+    @classmethod
+    def of(cls, model: PEERLM, top_t: int) -> SparseSelection:
+        idf = [torch.log((layer.background_batches + 1) / (layer.background + 1)) for layer in model.peer_layers().values()]
+        return cls(idf, top_t)
+
+    def __call__(self, counts: list[Tensor]) -> list[Tensor | None]:
+        """counts: per layer (N,) retrieval counts of this batch -> expert ids to train per layer."""
+        out: list[Tensor | None] = []
+        for tf, idf in zip(counts, self.idf):
+            score = tf.to(idf.dtype) * idf  # (N,); experts not retrieved score 0
+            used = int((tf > 0).sum())
+            out.append(score.topk(min(self.top_t, used)).indices if used else tf.new_zeros(0))
+        return out
+
+
+@dataclass
+class Growth:
+    """What :func:`apply_policy` did, and what the training loop must call."""
+
+    info: dict[str, Any] = field(default_factory=dict)  # recorded in the version's metrics
+    isolation: RoutingIsolation | None = None
+    sparse: SparseSelection | None = None  # the rows each step may update (policy sparse)
+
+    @property
+    def after_step(self) -> Callable[[], int] | None:
+        return self.isolation.project if self.isolation is not None else None
+
+
+@torch.no_grad()
+def record_background(model: PEERLM, blocks: np.ndarray, batch_size: int, max_batches: int = 32) -> int:
+    """Add ``blocks``' batches to every PEER layer's background usage (per expert: in how many
+    batches it was retrieved). Returns the batches counted."""
+    layers = model.peer_layers()
+    if not layers:
+        return 0
+    n = min(max_batches, -(-len(blocks) // batch_size))
+    for b in range(n):
+        with recording(layers, counts=True) as recs:
+            evaluate_loss(model, blocks[b * batch_size : (b + 1) * batch_size])
+        for name, layer in layers.items():
+            counts = recs[name].counts
+            assert counts is not None
+            layer.background[: counts.numel()] += (counts > 0).to(layer.background.dtype)
+            layer.background_batches += 1
+    return n
+
+
+@torch.no_grad()
+def record_anchors(model: PEERLM, blocks: np.ndarray, *, per_stream: int = ANCHORS_PER_STREAM, cap: int = MAX_ANCHORS,
+                   seed: int = 0) -> int:
+    """Add a sample of ``blocks``' queries to every PEER layer's anchors (older anchors are
+    subsampled to keep at most ``cap``). Returns the anchors per layer afterwards."""
+    layers = model.peer_layers()
+    if not layers or len(blocks) == 0:
+        return 0
+    heads = next(iter(layers.values())).config.heads
+    tokens = max(1, per_stream // heads)
+    batches = max(1, -(-tokens // (blocks.shape[1] * 8)))
+    with recording(layers, queries=True) as recs:
+        evaluate_loss(model, blocks, batch_size=8, max_batches=batches)
+    g = torch.Generator().manual_seed(seed)
+    for name, layer in layers.items():
+        q = torch.cat(recs[name].queries or []).reshape(-1, layer.config.d_key)  # (T*h, dk)
+        new = q[torch.randperm(q.shape[0], generator=g)[:per_stream].to(q.device)].to(layer.anchors)
+        old = layer.anchors
+        keep = max(0, min(old.shape[0], cap - new.shape[0]))
+        old = old[torch.randperm(old.shape[0], generator=g)[:keep].to(old.device)]
+        layer.anchors = torch.cat([old, new])
+    return int(next(iter(layers.values())).anchors.shape[0])
+
+
+def apply_policy(model: PEERLM, cfg: CycleConfig, new_blocks: np.ndarray) -> Growth:
+    """Grow and freeze ``model`` according to ``cfg.policy`` (with routing isolation when
+    the policy grows, it is on and the layers have anchors)."""
     layers = model.peer_layers()
     for p in model.parameters():
         p.requires_grad_(True)
     if cfg.policy == "full":
         for layer in layers.values():
             layer.unfreeze()
-        return {"grown_rows": 0}
+        return Growth({"grown_rows": 0})
+    if cfg.policy == "sparse":
+        return _sparse(model, cfg)
     keys = init_new_keys(model, new_blocks, cfg.grow_rows, seed=cfg.seed) if cfg.key_init == "queries" else {}
-    for name, layer in layers.items():
+    for layer in layers.values():
         layer.freeze()
+    isolation = RoutingIsolation.before_growth(model, cfg.isolation_margin) if cfg.routing_isolation else None
+    for name, layer in layers.items():
         layer.grow(cfg.grow_rows, init_keys=keys.get(name))
     if cfg.policy == "freeze-all":
         for p in model.parameters():
@@ -80,4 +245,25 @@ def apply_policy(model: PEERLM, cfg: CycleConfig, new_blocks: np.ndarray) -> dic
     else:
         for layer in layers.values():
             layer.freeze_query(False)
-    return {"grown_rows": cfg.grow_rows}
+    info: dict[str, Any] = {"grown_rows": cfg.grow_rows, "routing_isolation": isolation is not None}
+    if isolation is not None:
+        info["isolation_keys_moved_at_growth"] = isolation.project()
+    return Growth(info, isolation)
+
+
+def _sparse(model: PEERLM, cfg: CycleConfig) -> Growth:
+    """Everything frozen but the expert rows, which train only where the selection says."""
+    layers = model.peer_layers()
+    if not layers:
+        raise ConfigError("policy sparse trains expert rows: the model has no PEER layer")
+    smallest = min(layer.num_experts for layer in layers.values())
+    require(cfg.top_t <= smallest, "top_t", f"top_t={cfg.top_t} exceeds the {smallest} experts of a PEER layer")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer in layers.values():
+        layer.unfreeze()  # every expert row may be selected; keys, queries and dense parts stay frozen
+        layer.row_keys.requires_grad_(False)
+        layer.col_keys.requires_grad_(False)
+        layer.freeze_query()
+    background = int(next(iter(layers.values())).background_batches)
+    return Growth({"grown_rows": 0, "top_t": cfg.top_t, "background_batches": background}, sparse=SparseSelection.of(model, cfg.top_t))

@@ -105,7 +105,8 @@ class PEERLM(nn.Module):
         return groups
 
     def dense_state_dict(self) -> dict[str, Tensor]:
-        """Everything except the expert tables and row keys (those live in shards)."""
+        """Everything except the expert tables and row keys (those live in shards); the PEER
+        layers' query anchors included."""
         skip = ("expert_u", "expert_v", "row_keys", "frozen_row_keys")
         return {k: v for k, v in self.state_dict().items() if not k.endswith(skip)}
 

@@ -51,14 +51,22 @@ class RowAdam:
         return self.state[i]
 
     @torch.no_grad()
-    def step(self) -> int:
-        """Apply the collected row gradients; returns the number of rows updated."""
+    def step(self, keep: list[Tensor | None] | None = None) -> int:
+        """Apply the collected row gradients; returns the number of rows updated.
+
+        ``keep[i]`` (expert ids of layer ``i``, or None for all) restricts the update of that
+        layer to those rows: the others' gradients are dropped (sparse memory finetuning)."""
         updated = 0
         for i, layer in enumerate(self.layers):
             popped = layer.grads.pop()
             if popped is None:
                 continue
             rows, gu, gv = popped  # (R,), (R, d), (R, d)
+            if keep is not None and keep[i] is not None:
+                mask = torch.isin(rows, keep[i])  # (R,)
+                rows, gu, gv = rows[mask], gu[mask], gv[mask]
+                if rows.numel() == 0:
+                    continue
             start, second, steps = self._layer_state(i, layer)
             local = rows - start  # (R,)
             t = steps[local] + 1  # (R,)

@@ -110,6 +110,7 @@ class Recording:
 
     queries: list[Tensor] | None = None  # one (T, h, dk) tensor per forward (after BatchNorm)
     usage: Tensor | None = None  # (N,) float64 router weight accumulated per expert
+    counts: Tensor | None = None  # (N,) int64 times each expert was retrieved (token x head)
 
 
 class PEERLayer(nn.Module):
@@ -135,6 +136,13 @@ class PEERLayer(nn.Module):
         u, v = self._init_experts(c.n_rows * c.n_cols, device, dtype)
         self.register_buffer("expert_u", u)  # (N, d)
         self.register_buffer("expert_v", v)  # (N, d)
+        # Query anchors: a sample of the queries (after BatchNorm, heads flattened) this layer
+        # saw on the streams it was trained on; no text. Growth keeps new keys off them.
+        self.register_buffer("anchors", torch.empty(0, c.d_key, device=device, dtype=dtype))  # (A, dk)
+        # Background usage of the streams trained so far: in how many of their batches each
+        # expert was retrieved (the document frequency of sparse memory finetuning).
+        self.register_buffer("background", torch.zeros(c.n_rows * c.n_cols, device=device))  # (N,)
+        self.register_buffer("background_batches", torch.zeros((), device=device))
         self.shards: list[Shard] = [Shard(0, c.n_rows)]
         self.grads = ExpertGrads()
         self.query_frozen = False
@@ -206,16 +214,8 @@ class PEERLayer(nn.Module):
         q = self.queries(x2)  # (T, h, dk)
         scores, ids = self.retrieve(q)  # (T, h, k)
         g = scores.softmax(-1) if c.score == "softmax" else scores.sigmoid()  # (T, h, k)
-        rec = self._recording
-        if rec is not None:
-            if rec.queries is not None:
-                rec.queries.append(q.detach())
-            if rec.usage is not None:  # experts grown since the recording began are not counted
-                flat_ids, flat_g = ids.reshape(-1), g.detach().reshape(-1).to(rec.usage.dtype)
-                if self.num_experts > rec.usage.numel():
-                    keep = flat_ids < rec.usage.numel()
-                    flat_ids, flat_g = flat_ids[keep], flat_g[keep]
-                rec.usage.index_add_(0, flat_ids, flat_g)
+        if self._recording is not None:
+            self._record(self._recording, q, ids, g)
         train_experts = torch.is_grad_enabled() and self.training and self.trainable_start < self.num_experts
         self.grads.start = self.trainable_start
         anchor = x2.new_empty(0).requires_grad_() if train_experts else None
@@ -233,21 +233,43 @@ class PEERLayer(nn.Module):
 
     # ---------------------------------------------------------------------- recording
     @contextmanager
-    def record(self, *, queries: bool = False, usage: bool = False) -> Iterator[Recording]:
-        """Record this layer's queries and/or router usage for the forwards run inside.
+    def record(self, *, queries: bool = False, usage: bool = False, counts: bool = False) -> Iterator[Recording]:
+        """Record this layer's queries, router usage and/or retrieval counts for the forwards
+        run inside.
 
-        ``usage`` accumulates each expert's router weight over the experts that exist on
-        entry (PEER paper Table 2). The previous recording (if nested) is restored on exit.
+        ``usage`` accumulates each expert's router weight, ``counts`` how often it was
+        retrieved, over the experts that exist on entry (PEER paper Table 2). The previous
+        recording (if nested) is restored on exit.
         """
+        dev = self.expert_u.device
         rec = Recording(
             queries=[] if queries else None,
-            usage=torch.zeros(self.num_experts, dtype=torch.float64, device=self.expert_u.device) if usage else None,
+            usage=torch.zeros(self.num_experts, dtype=torch.float64, device=dev) if usage else None,
+            counts=torch.zeros(self.num_experts, dtype=torch.int64, device=dev) if counts else None,
         )
         saved, self._recording = self._recording, rec
         try:
             yield rec
         finally:
             self._recording = saved
+
+    @torch.no_grad()
+    def _record(self, rec: Recording, q: Tensor, ids: Tensor, g: Tensor) -> None:
+        """q: (T, h, dk); ids, g: (T, h, k). Experts grown since the recording began are not counted."""
+        if rec.queries is not None:
+            rec.queries.append(q.detach())
+        sizes = [t.numel() for t in (rec.usage, rec.counts) if t is not None]
+        if not sizes:
+            return
+        n = sizes[0]  # experts on entry
+        flat_ids, flat_g = ids.reshape(-1), g.detach().reshape(-1)  # (T*h*k,)
+        if self.num_experts > n:
+            keep = flat_ids < n
+            flat_ids, flat_g = flat_ids[keep], flat_g[keep]
+        if rec.usage is not None:
+            rec.usage.index_add_(0, flat_ids, flat_g.to(rec.usage.dtype))
+        if rec.counts is not None:
+            rec.counts += torch.bincount(flat_ids, minlength=n)
 
     # ------------------------------------------------------------------ growth/freezing
     @torch.no_grad()
@@ -268,6 +290,7 @@ class PEERLayer(nn.Module):
                 raise ConfigError(f"invalid growth: 'init_keys' must have shape ({rows}, {half}), got {tuple(init_keys.shape)}")
             new_keys = init_keys.to(ref.device, ref.dtype)
         u, v = self._init_experts(rows * self.n_cols, ref.device, ref.dtype)
+        self.background = torch.cat([self.background, self.background.new_zeros(rows * self.n_cols)])
         start = self.n_rows
         self.row_keys = nn.Parameter(torch.cat([self.row_keys.detach(), new_keys], dim=0))
         self.expert_u = torch.cat([self.expert_u, u], dim=0)
@@ -337,7 +360,8 @@ class PEERLayer(nn.Module):
 
 
 @contextmanager
-def recording(layers: Mapping[str, PEERLayer], *, queries: bool = False, usage: bool = False) -> Iterator[dict[str, Recording]]:
+def recording(layers: Mapping[str, PEERLayer], *, queries: bool = False, usage: bool = False,
+              counts: bool = False) -> Iterator[dict[str, Recording]]:
     """:meth:`PEERLayer.record` on several layers at once: ``{name: Recording}``."""
     with ExitStack() as stack:
-        yield {name: stack.enter_context(layer.record(queries=queries, usage=usage)) for name, layer in layers.items()}
+        yield {name: stack.enter_context(layer.record(queries=queries, usage=usage, counts=counts)) for name, layer in layers.items()}

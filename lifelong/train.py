@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,6 +19,7 @@ from .errors import DataError
 from .evaluate import evaluate_loss
 from .model import PEERLM
 from .optim import RowAdam
+from .peer import recording
 
 __all__ = ["train", "random_batches", "mixed_batches", "replay_rows", "TrainResult", "lr_factor"]
 
@@ -104,6 +106,8 @@ def train(
     distill_weight: float = 0.0,
     distill_temperature: float = 1.0,
     optimizer_state: dict[str, Tensor] | None = None,
+    after_step: Callable[[], object] | None = None,
+    select_rows: Callable[[list[Tensor]], list[Tensor | None]] | None = None,
 ) -> TrainResult:
     """Train ``model`` for ``cfg.steps`` steps on (B, L+1) token batches.
 
@@ -118,6 +122,9 @@ def train(
 
     ``on_step(step_offset + step, loss, lr)`` is called after every step (e.g.
     :meth:`lifelong.monitor.Monitor.train_step` with the version's global step as offset).
+
+    ``select_rows`` (sparse memory finetuning) gets each batch's per-layer retrieval counts
+    (N,) and returns the expert ids each layer may update in that step.
 
     ``optimizer_state`` (a previous :attr:`TrainResult.optimizer_state`) resumes the optimizers:
     the expert rows' state always (rows still trainable keep theirs), AdamW's only when the
@@ -150,7 +157,8 @@ def train(
         item = next(batches)
         batch, replay = item if isinstance(item, tuple) else (item, None)
         batch = batch.to(device)  # (B, L+1)
-        logits, loss = model(batch[:, :-1], batch[:, 1:])
+        with recording(model.peer_layers(), counts=True) if select_rows is not None else nullcontext({}) as recs:
+            logits, loss = model(batch[:, :-1], batch[:, 1:])
         n_replay = int(replay.sum()) if replay is not None else 0
         result.replayed_rows += n_replay
         if teacher is not None and distill_weight > 0 and n_replay:
@@ -174,7 +182,9 @@ def train(
             torch.nn.utils.clip_grad_norm_(clip_params, cfg.grad_clip)
         if adamw is not None:
             adamw.step()
-        rows.step()
+        rows.step(select_rows([r.counts for r in recs.values()]) if select_rows is not None else None)
+        if after_step is not None:  # e.g. routing isolation's projection of the new keys
+            after_step()
 
         value = float(loss.detach())
         if not math.isfinite(value):

@@ -1,33 +1,40 @@
-"""Benchmark: does a growing PEER model actually remember?
+"""Benchmark: does a growing PEER model actually remember, without replay?
 
-The three embedded streams in sequence (stdlib -> pydoc -> licenses), the same token
-budgets and training settings for every arm:
+The streams in sequence (by default the embedded stdlib -> pydoc -> licenses; `--order` for
+another order, `--stream NAME=PATH[:mode]` for your own), the same token budgets and
+training settings for every arm:
 
-    dense           dense model (no PEER, FFN everywhere), full fine-tune on each stream
-    dense-replay    control: the dense fine-tune with 25% replay (does replay alone do it?)
-    full            PEER model, full fine-tune (no growth)
-    full-replay     control: the PEER full fine-tune with 25% replay (growth or replay?)
-    freeze-experts  PEER, grow + freeze old experts and keys (dense parts train)
-    freeze-all      PEER, grow + freeze everything old (only the new rows train)
-    replay          the better of freeze-experts / freeze-all (lower final mean held-out
-                    loss), with 25% replay from earlier streams
-    replay-distill  the same, plus distillation to the previous version (weight 1.0)
+    dense               dense model (no PEER, FFN everywhere), full fine-tune on each stream
+    dense-replay        control: the dense fine-tune with 25% replay
+    full                PEER model, full fine-tune (no growth)
+    full-replay         control: the PEER full fine-tune with 25% replay
+    freeze-experts      PEER, grow + freeze old experts and keys (dense parts train)
+    freeze-all          PEER, grow + freeze everything old (only the new rows train)
+    freeze-experts-iso  freeze-experts + routing isolation (query anchors keep new keys
+                        out of earlier streams' top-k)
+    freeze-all-iso      freeze-all + routing isolation
+    sparse              sparse memory finetuning: per batch only the top-t experts by TF-IDF
+                        against earlier streams' usage train; no growth
+    replay              control: the better of freeze-experts / freeze-all + 25% replay
+    replay-distill      control: the same plus distillation to the previous version
 
-Every PEER arm starts from a copy of ONE base store trained once on stdlib (policy full),
-the dense arms from a copy of one dense base store: the base cycle is the same for all.
-The models match in active compute per token: every block's FFN is a PEER layer with
-heads x top_k = 8 x 16 = 128 active expert neurons, or a dense FFN with 128 hidden units.
+Every PEER arm starts from a copy of ONE base store trained once on the first stream
+(policy full), the dense arms from a copy of one dense base store. The models match in
+active compute per token: every block's FFN is a PEER layer with heads x top_k = 8 x 16 =
+128 active expert neurons, or a dense FFN with 128 hidden units.
 
-Per arm: the loss matrix (held-out nats/byte), forgetting, final mean held-out loss and the
-new-stream loss after each growth cycle (plasticity); then a summary across arms and the
-two targets for the best growth arm against the dense fine-tune:
-(a) mean forgetting <= 25% of the dense fine-tune's, (b) new-stream loss within 5%.
+Per arm: the loss matrix (held-out nats/byte), forgetting, final mean held-out loss, the
+new-stream loss after each cycle (plasticity) and the routing retention of each earlier
+stream; then a summary and the two targets for the best arm WITHOUT replay (lowest final
+mean held-out loss) against the dense fine-tune: (a) mean forgetting <= 10% of the dense
+fine-tune's, (b) new-stream loss within 5%.
 
-    python scripts/bench_continual.py                 # full run (about 17 minutes on 2 CPU cores)
+    python scripts/bench_continual.py                 # full run
     python scripts/bench_continual.py --quick         # tiny budgets, a few minutes
     python scripts/bench_continual.py --smoke         # tiny model too, seconds (the test)
-    python scripts/bench_continual.py --json          # one JSON object per arm + a summary
-    python scripts/bench_continual.py --arms dense,freeze-all --budget 100000
+    python scripts/bench_continual.py --json --plot arms.png
+    python scripts/bench_continual.py --order pydoc,licenses,stdlib --seed 1
+    python scripts/bench_continual.py --stream news=./news/:paragraph --stream tickets=./t.txt:line
 """
 
 from __future__ import annotations
@@ -44,21 +51,20 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from expert_store import ExpertStore
-from lifelong.checkpoint import checkout_model, init_store
+from lifelong.checkpoint import init_store
 from lifelong.config import ModelConfig, PEERConfig, TrainConfig
 from lifelong.config import CycleConfig
 from lifelong.cycle import run_cycle
-from lifelong.evaluate import expert_usage, heldout_blocks, loss_matrix
+from lifelong.evaluate import loss_matrix
 from lifelong.model import PEERLM
 from lifelong.workspace import open_registry
 from streams import register_defaults
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from continual_report import GROWTH_POLICIES, STREAMS, fmt, print_arm, print_summary, summarise  # noqa: E402
+from continual_report import GROWTH_POLICIES, STREAMS, fmt, print_arm, print_summary, summarise, write_arms_figure  # noqa: E402
 
 
 
@@ -70,6 +76,7 @@ class Arm:
     replay_ratio: float = 0.0
     distill_weight: float = 0.0
     about: str = ""
+    isolation: bool = False  # routing isolation of the growth policies (query anchors)
 
 
 ARMS = {
@@ -81,6 +88,9 @@ ARMS = {
         Arm("full-replay", "peer", "full", 0.25, about="control: PEER full fine-tune + 25% replay (no growth)"),
         Arm("freeze-experts", "peer", "freeze-experts", about="PEER, grow + freeze old experts and keys"),
         Arm("freeze-all", "peer", "freeze-all", about="PEER, grow + freeze everything old"),
+        Arm("freeze-experts-iso", "peer", "freeze-experts", about="PEER, freeze-experts + routing isolation", isolation=True),
+        Arm("freeze-all-iso", "peer", "freeze-all", about="PEER, freeze-all + routing isolation", isolation=True),
+        Arm("sparse", "peer", "sparse", about="PEER, sparse memory finetuning: top-t experts per batch by TF-IDF, no growth"),
         Arm("replay", "peer", None, 0.25, about="best growth policy + 25% replay"),
         Arm("replay-distill", "peer", None, 0.25, 1.0, about="best growth policy + 25% replay + distillation"),
     )
@@ -150,10 +160,11 @@ def model_size(mc: ModelConfig) -> dict[str, int]:
     return {"params": int(total), "experts": int(experts), "active_ffn_neurons": int(active)}
 
 
-def make_cycle_config(s: Sizes, policy: str, budget: int, seed: int, replay: float = 0.0, distill: float = 0.0) -> CycleConfig:
+def make_cycle_config(s: Sizes, policy: str, budget: int, seed: int, replay: float = 0.0, distill: float = 0.0,
+                      isolation: bool = False) -> CycleConfig:
     train = TrainConfig(batch_size=s.batch_size, lr=s.lr, expert_lr=s.expert_lr, warmup_steps=s.warmup_steps, seed=seed)
     return CycleConfig(policy=policy, grow_rows=s.grow_rows, token_budget=budget, epochs=s.epochs, replay_ratio=replay,
-                       distill_weight=distill, eval_tokens=s.eval_tokens, seed=seed, train=train)
+                       distill_weight=distill, eval_tokens=s.eval_tokens, seed=seed, train=train, routing_isolation=isolation)
 
 
 def say(msg: str) -> None:
@@ -181,58 +192,49 @@ def cycle_record(result: Any) -> dict[str, Any]:
     }
 
 
+def parse_user_stream(text: str) -> tuple[str, str, str]:
+    """``NAME=PATH[:mode]`` -> (name, path, text mode: line | paragraph | file; default paragraph)."""
+    name, sep, rest = text.partition("=")
+    path, mode = rest, "paragraph"
+    if ":" in rest and rest.rsplit(":", 1)[1] in ("line", "paragraph", "file"):
+        path, mode = rest.rsplit(":", 1)
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH[:line|paragraph|file], got {text!r}")
+    return name, path, mode
+
+
 def build_base(root: Path, kind: str, mc: ModelConfig, s: Sizes, cache: Path, args: argparse.Namespace) -> tuple[Path, dict]:
-    """One store per model kind: held-out sets filled, one base cycle on stdlib (policy full)."""
+    """One store per model kind: held-out sets filled, one base cycle on the first stream (policy full)."""
     path = root / f"base-{kind}"
     t0 = time.perf_counter()
     store, _ = init_store(str(path), mc, seed=args.seed)
+    streams = args.stream_order
     try:
         registry = open_registry(store, progress=False)
-        register_defaults(registry, cache)
+        if args.stream:
+            for name, source, mode in args.stream:
+                registry.add(name, source, text_mode=mode)
+            scans = [(name, None) for name in streams]  # the whole of each user stream
+        else:
+            register_defaults(registry, cache)
+            scans = list(s.heldout_scan)
         # Held-out documents are collected by ingest as it reads (a stable hash split). Read a
         # prefix of every stream once, up front, so that every stream's held-out set is the
         # same, and large enough, in every arm and at every cycle. No cursor moves.
         heldout = {}
-        for name, scan in s.heldout_scan:
+        for name, scan in scans:
             registry.ingest(name, None, scan)
             held = registry.heldout(name, max_tokens=s.eval_tokens)
             heldout[name] = {"docs": held.docs, "tokens": int(held.tokens.shape[0])}
         say(f"[base-{kind}] held-out sets (docs/tokens): " + ", ".join(f"{k} {v['docs']}/{v['tokens']}" for k, v in heldout.items()))
-        result = run_cycle(store, registry, STREAMS[0], make_cycle_config(s, "full", s.base_budget, args.seed),
+        result = run_cycle(store, registry, streams[0], make_cycle_config(s, "full", s.base_budget, args.seed),
                            device=args.device, progress=args.progress, log=lambda m: None)
         rec = cycle_record(result)
-        say(f"[base-{kind}] {STREAMS[0]}: {rec['new_tokens']:,} tokens, {rec['steps']} steps, {rec['seconds']:.0f}s "
+        say(f"[base-{kind}] {streams[0]}: {rec['new_tokens']:,} tokens, {rec['steps']} steps, {rec['seconds']:.0f}s "
             f"({rec['tokens_per_s']:.0f} tokens/s), held-out loss {fmt(rec['loss_new'])}")
     finally:
         store.close()
     return path, {"seconds": round(time.perf_counter() - t0, 1), "cycle": rec, "heldout": heldout}
-
-
-def routing_to_grown(store: ExpertStore, registry: Any, chain: list[Any], s: Sizes, device: str) -> dict[str, float]:
-    """Per earlier stream j: the share of the final model's router weight (softmax scores of
-    the retrieved experts, all PEER layers) that goes, on j's held-out text, to experts grown
-    after the cycle that trained j. Under freeze-all these are the only thing that changed
-    for j, so this share is how much of j's routing the new experts took over."""
-    trained = [(v, v.metrics.get("stream")) for v in chain if v.metrics.get("stream")]
-    if not trained or not trained[-1][0].config.get("layers"):
-        return {}
-    model, _ = checkout_model(store, trained[-1][0].id, device=device)
-    layers = model.peer_layers()
-    out = {}
-    for v, stream in trained[:-1]:
-        blocks = heldout_blocks(registry, stream, model.config.block_size, model.config.pad_id, s.eval_tokens)
-        if not len(blocks):
-            continue
-        blocks = blocks[np.linspace(0, len(blocks) - 1, min(len(blocks), 128)).astype(int)]  # spread over the set
-        counts: dict[str, torch.Tensor] = {}
-        expert_usage(model, blocks, max_batches=None, counts=counts)
-        grown = total = 0.0
-        for name, layer in layers.items():
-            first_new = int(v.config["layers"][name]["n_rows"]) * layer.n_cols  # experts when j was trained
-            grown += float(counts[name][first_new:].sum())
-            total += float(counts[name].sum())
-        out[stream] = grown / total if total else 0.0
-    return out
 
 
 def run_arm(arm: Arm, policy: str, base: Path, root: Path, s: Sizes, args: argparse.Namespace) -> dict[str, Any]:
@@ -243,8 +245,8 @@ def run_arm(arm: Arm, policy: str, base: Path, root: Path, s: Sizes, args: argpa
     store = ExpertStore.open(path)
     try:
         registry = open_registry(store, progress=False)
-        for name in STREAMS[1:]:
-            cfg = make_cycle_config(s, policy, s.budget, args.seed, arm.replay_ratio, arm.distill_weight)
+        for name in args.stream_order[1:]:
+            cfg = make_cycle_config(s, policy, s.budget, args.seed, arm.replay_ratio, arm.distill_weight, arm.isolation)
             result = run_cycle(store, registry, name, cfg, device=args.device, progress=args.progress, log=lambda m: None)
             rec = cycle_record(result)
             cycles.append(rec)
@@ -254,7 +256,6 @@ def run_arm(arm: Arm, policy: str, base: Path, root: Path, s: Sizes, args: argpa
         chain = list(reversed(store.log("HEAD")))
         matrix = loss_matrix(chain)
         last = chain[-1].metrics
-        routing = routing_to_grown(store, registry, chain, s, args.device) if arm.model == "peer" else {}
     finally:
         store.close()
     if not args.keep:
@@ -277,7 +278,7 @@ def run_arm(arm: Arm, policy: str, base: Path, root: Path, s: Sizes, args: argpa
         "backward_transfer": last.get("backward_transfer"),
         "forward_transfer": last.get("forward_transfer"),
         "experts": last.get("experts", 0),
-        "routing_to_grown": routing,
+        "routing_retention": last.get("routing_retention", {}) if arm.model == "peer" else {},
         "cycles": cycles,
         "seconds": round(time.perf_counter() - t0, 1),
     }
@@ -310,7 +311,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-dir", help="materialised default streams, shared by all stores (default: in the work dir)")
     p.add_argument("--keep", action="store_true", help="keep the stores")
     p.add_argument("--progress", action="store_true", help="training progress bars")
+    p.add_argument("--plot", metavar="FILE.png", help="write one figure comparing the arms")
+    p.add_argument("--order", help=f"the embedded streams in another order, comma-separated (default: {','.join(STREAMS)})")
+    p.add_argument("--stream", action="append", type=parse_user_stream, metavar="NAME=PATH[:MODE]",
+                   help="your own stream instead of the embedded ones (repeatable, in order; MODE line | paragraph | file)")
     args = p.parse_args(argv)
+    if args.stream:
+        args.stream_order = [name for name, _, _ in args.stream]
+    else:
+        args.stream_order = args.order.split(",") if args.order else list(STREAMS)
+        if sorted(args.stream_order) != sorted(STREAMS):
+            p.error(f"--order must list {', '.join(STREAMS)} once each")
+    if len(args.stream_order) < 2 or len(set(args.stream_order)) != len(args.stream_order):
+        p.error("give at least two streams, each once")
 
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     unknown = [a for a in arms if a not in ARMS]
@@ -329,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     configs = model_configs(s)
     sizes = {k: model_size(v) for k, v in configs.items()}
     machine = f"{platform.machine()} {platform.processor() or ''}".strip() + f", {os.cpu_count()} CPUs, torch {torch.__version__}, {args.threads} threads"
-    say(f"mode {'smoke' if args.smoke else 'quick' if args.quick else 'full'}: base {s.base_budget:,} tokens on {STREAMS[0]}, "
+    say(f"mode {'smoke' if args.smoke else 'quick' if args.quick else 'full'}: base {s.base_budget:,} tokens on {args.stream_order[0]}, "
         f"{s.budget:,} tokens per growth cycle; arms {', '.join(arms)}; work dir {root}; {machine}")
     for k, v in sizes.items():
         say(f"model {k}: {v['params']:,} parameters, {v['experts']:,} experts, {v['active_ffn_neurons']} active FFN neurons per token per block")
@@ -346,7 +359,9 @@ def main(argv: list[str] | None = None) -> int:
             print_arm(results[name], out)
             out.flush()
         summary = summarise(results)
-        print_summary(results, summary, out)
+        print_summary(results, summary, out, args.stream_order)
+        if args.plot:
+            say(f"figure: {write_arms_figure(results, args.plot)}")
         total = time.perf_counter() - t0
         print(f"\ntotal {total:.0f}s; {machine}", file=out)
         if args.json:

@@ -1,9 +1,11 @@
 """Crash-safety check of the expert store: SIGKILL a committing process at random moments.
 
 Each trial starts a worker process that commits versions in a loop (new shards of a few
-MB, reused frozen shards, dense weights), kills it with SIGKILL after a random delay, and
-then checks the store: ``verify()`` finds no problem, HEAD names a complete version whose
-objects all load, and the next commit succeeds. Workers are forked from a forkserver that
+MB, reused frozen shards, a sparse update of each layer's first shard as a delta shard —
+compacted into a full shard every ``MAX_DELTA_CHAIN + 1`` commits — and dense weights),
+kills it with SIGKILL after a random delay, and then checks the store: ``verify()`` finds
+no problem, HEAD names a complete version whose objects all load (delta chains applied),
+and the next commit succeeds. Workers are forked from a forkserver that
 has already imported torch, so a trial costs the kill delay, not an interpreter start.
 
     python scripts/crash_store.py --trials 300
@@ -26,20 +28,35 @@ import torch
 # Run from a checkout: prefer the repo's packages over a stale editable install.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from expert_store import ExistingShard, ExpertStore, NewShard
+from expert_store import DeltaShard, ExistingShard, ExpertStore, NewShard, ShardInfo
 
 LAYERS = ("blocks.0.peer", "blocks.1.peer")
 KEEP_SHARDS = 4  # per layer; older shards drop out so versions stay small over many trials
 
 
+def sparse_update(store: ExpertStore, shard: ShardInfo, gen: torch.Generator) -> DeltaShard:
+    """A delta changing 1/8 of the rows of ``u`` and of ``row_keys`` of a stored shard."""
+    spec = store.objects.header(store.shard_chain(shard)[0].object_hash)  # (dtype, shape) by name
+    rows = {}
+    for name in ("u", "row_keys"):
+        dtype, shape = spec[name]
+        ids = torch.randperm(shape[0], generator=gen)[: max(1, shape[0] // 8)]  # (R,)
+        rows[name] = (ids, torch.randn((len(ids), *shape[1:]), generator=gen, dtype=dtype))  # (R, ...)
+    return DeltaShard(shard.id, rows)
+
+
 def make_commit(store: ExpertStore, step: int, rows: int, d: int, who: str) -> int:
-    """Commit one growth step on top of HEAD: freeze old shards, add one new shard per layer."""
+    """Commit one growth step on top of HEAD: a sparse update (delta) of each layer's first
+    shard, freeze its newest shards, add one new shard per layer."""
     head = store.head()
     previous = store.version(head).shards if head is not None else []
     gen = torch.Generator().manual_seed(step)
-    shards: list[NewShard | ExistingShard] = []
+    shards: list[NewShard | ExistingShard | DeltaShard] = []
     for layer in LAYERS:
-        kept = [s for s in previous if s.layer == layer][-(KEEP_SHARDS - 1):]
+        mine = [s for s in previous if s.layer == layer]
+        if mine:
+            shards.append(sparse_update(store, mine[0], gen))
+        kept = mine[1:][-(KEEP_SHARDS - 2):]
         shards += [ExistingShard(s.id) for s in kept]
         start = max((s.row_end for s in previous if s.layer == layer), default=0)
         tensors = {
@@ -114,6 +131,8 @@ class Summary:
     versions_committed: int = 0
     kills_leaving_temp_files: int = 0
     kills_leaving_unreachable_objects: int = 0
+    delta_shards: int = 0  # shard rows committed as deltas
+    compactions: int = 0  # deltas written in full because their chain was at its limit
     seconds: float = 0.0
 
     @property
@@ -140,6 +159,16 @@ def check_after_kill(store: ExpertStore, trial: int) -> tuple[bool, bool]:
     return bool(removed.temp_files or leftovers.temp_files), bool(leftovers.objects)
 
 
+def count_shards(store: ExpertStore, summary: Summary) -> None:
+    """Add a finished store's versions, delta shards and compactions to ``summary``."""
+    versions = store.versions()
+    shards = {s.id: s for v in versions for s in v.shards}
+    summary.versions_committed += len(versions)
+    summary.delta_shards += sum(s.base_id is not None for s in shards.values())
+    firsts = {(s.layer, s.id) for s in shards.values() if s.row_start == 0 and s.base_id is None}
+    summary.compactions += len(firsts) - len({layer for layer, _ in firsts})
+
+
 def run(
     trials: int, rows: int = 16, d: int = 256, max_delay: float = 0.4, seed: int = 0, per_store: int = 25
 ) -> Summary:
@@ -157,7 +186,7 @@ def run(
         for trial in range(trials):
             if trial % per_store == 0:
                 if store is not None:
-                    summary.versions_committed += len(store.versions())
+                    count_shards(store, summary)
                     store.close()
                 root = Path(tmp) / f"store-{trial // per_store}"
                 ExpertStore.init(root, {"purpose": "crash test"}).close()
@@ -180,7 +209,7 @@ def run(
             except Exception as exc:  # noqa: BLE001 - every failure is reported, not raised
                 summary.failures.append(f"trial {trial}: {type(exc).__name__}: {exc}")
         if store is not None:
-            summary.versions_committed += len(store.versions())
+            count_shards(store, summary)
             store.close()
     summary.seconds = time.perf_counter() - start
     return summary
@@ -204,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"versions committed:          {summary.versions_committed}")
         print(f"kills leaving temp files:    {summary.kills_leaving_temp_files}")
         print(f"kills leaving unreachable:   {summary.kills_leaving_unreachable_objects}")
+        print(f"delta shards committed:      {summary.delta_shards}")
+        print(f"chains compacted:            {summary.compactions}")
         print(f"failures:                    {len(summary.failures)}")
         for line in summary.failures:
             print(f"  {line}")

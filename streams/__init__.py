@@ -17,7 +17,7 @@ from .packing import BlockPacker, pack_blocks, pack_documents
 from .registry import StreamRegistry
 from .result import FileReport, HeldOut, IngestResult, Pending, StagedInfo, StreamInfo
 from .spec import StreamSpec, validate_name
-from .split import doc_hash, is_heldout
+from .split import HELDOUT_SPLITS, doc_hash, is_heldout, split_document
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID, ByteTokenizer, HFTokenizer, load_tokenizer
 
 __all__ = [
@@ -26,7 +26,7 @@ __all__ = [
     "Cursor", "FileCursor",
     "ByteTokenizer", "HFTokenizer", "load_tokenizer", "EOS_ID", "PAD_ID", "BOS_ID",
     "pack_blocks", "pack_documents", "BlockPacker",
-    "doc_hash", "is_heldout",
+    "doc_hash", "is_heldout", "split_document", "HELDOUT_SPLITS",
     "DEFAULT_STREAMS", "default_sources", "register_defaults",
     "StreamError", "StreamNameError", "StreamExistsError", "StreamNotFoundError", "SpecError",
     "CursorError", "TokenizerError", "SourceError", "SourceNotFoundError",

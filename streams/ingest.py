@@ -21,7 +21,7 @@ from .fileindex import FileIndex
 from .result import MAX_EXAMPLES, FileReport, IngestResult
 from .sources import list_files, read_hub_rows, read_rows, text_of
 from .spec import StreamSpec
-from .split import is_heldout
+from .split import split_document
 from .tokenizer import Tokenizer
 from .validate import check_file, write_sanitized
 
@@ -103,7 +103,7 @@ class _Reader:
         """Feed rows to the chunk; after each row ``set_pos(rows_done, bytes)`` moves the
         cursor; yields a chunk whenever it is full (a row boundary)."""
         field = "text" if self.spec.format == "text" else self.spec.text_field
-        holdout = float(self.spec.holdout)
+        holdout, how = float(self.spec.holdout), self.spec.heldout_split
         acc = self.acc
         for row0, values in batches:
             for i, value in enumerate(values):
@@ -117,7 +117,9 @@ class _Reader:
                 if text.strip():
                     nbytes = len(text.encode("utf-8"))
                     acc.bytes += nbytes
-                    (acc.held if is_heldout(text, holdout) else acc.train).append(text)
+                    train, held = split_document(text, holdout, how)
+                    acc.train.extend(train)
+                    acc.held.extend(held)
                     if report is not None:
                         report.docs += 1
                 else:

@@ -21,14 +21,28 @@ def _count_docs(path: str, spec: StreamSpec) -> int:
         import pyarrow.parquet as pq
 
         return pq.ParquetFile(path).metadata.num_rows
-    sep = b"\n\n" if spec.format == "text" and spec.text_mode == "paragraph" else b"\n"
+    if spec.format == "text" and spec.text_mode == "paragraph":
+        return _count_paragraphs(path)
     n, last = 0, b""
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):
-            n += (last[-1:] + chunk).count(sep) if len(sep) > 1 else chunk.count(sep)
+            n += chunk.count(b"\n")
             last = chunk
     n += 0 if last.endswith(b"\n") or not last else 1
     return max(n - (1 if spec.format == "csv" else 0), 0)
+
+
+def _count_paragraphs(path: str) -> int:
+    """Blank-line separators, plus one for text after the last (the text builder's split)."""
+    n, tail, last = 0, False, b""
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            buf = last[-1:] + chunk
+            k = buf.count(b"\n\n")
+            n += k
+            tail = bool(buf[buf.rindex(b"\n\n") + 2:]) if k else tail or bool(chunk)
+            last = chunk
+    return n + (1 if tail else 0)
 
 
 def pending(spec: StreamSpec, cursor: dict[str, Any] | None, index: FileIndex) -> Pending:

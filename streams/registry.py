@@ -9,6 +9,7 @@ import numpy as np
 from sqlalchemy import Engine, delete, insert, select
 from sqlalchemy.exc import IntegrityError
 
+from . import advice
 from .cursor import cursor_key
 from .errors import StreamExistsError, StreamNotFoundError
 from .fileindex import FileIndex
@@ -18,8 +19,8 @@ from .result import HeldOut, IngestResult, Pending, StagedInfo, StreamInfo
 from .schema import metadata, stream_files, stream_heldout, stream_registry, stream_staged
 from .sources import list_files
 from .spec import StreamSpec, validate_name
-from .staging import (add_heldout, clear_staged, count_heldout, get_heldout, list_staged,
-                      load_staged, save_staged)
+from .staging import (add_heldout, clear_staged, get_heldout, heldout_size,
+                      list_staged, load_staged, save_staged)
 from .tokenizer import ByteTokenizer, Tokenizer
 
 
@@ -40,14 +41,17 @@ class StreamRegistry:
     # -- registry -------------------------------------------------------------------------
     def add(self, name: str, source: str | list[str] | tuple[str, ...], format: str = "text", *,
             text_field: str = "text", text_mode: str = "line", on_bad_rows: str = "error",
-            on_changed: str = "reread", holdout: float = 0.05, exclude: tuple[str, ...] = (),
-            pattern: str | None = None, hub_config: str | None = None, split: str = "train",
+            on_changed: str = "reread", holdout: float = 0.05, heldout_split: str = "document",
+            exclude: tuple[str, ...] = (), pattern: str | None = None,
+            hub_config: str | None = None, split: str = "train",
             exist_ok: bool = False) -> StreamSpec:
         """Register a stream; the source must exist now (except hub names). With
-        ``exist_ok`` an identical existing registration is returned instead of an error."""
+        ``exist_ok`` an identical existing registration is returned instead of an error.
+        ``source_warning`` says whether the source likely holds out no text."""
         spec = StreamSpec(name=validate_name(name), source=source, format=format,
                           text_field=text_field, text_mode=text_mode, on_bad_rows=on_bad_rows,
-                          on_changed=on_changed, holdout=float(holdout), exclude=tuple(exclude),
+                          on_changed=on_changed, holdout=float(holdout),
+                          heldout_split=heldout_split, exclude=tuple(exclude),
                           pattern=pattern, hub_config=hub_config, split=split,
                           created_at=datetime.now(timezone.utc))
         if spec.format != "hub":
@@ -180,6 +184,35 @@ class StreamRegistry:
             docs, tokens = docs[: eos.size], tokens[:cut]
         return HeldOut(stream=name, tokens=tokens, docs=len(docs))
 
+    def source_warning(self, name: str, pending: Pending | None = None) -> str | None:
+        """One line if the stream's source (``pending``: its pending estimate, computed
+        from the beginning if not given) will likely hold out no text, else None: a few
+        documents held out whole (one file in text mode 'file', one long paragraph). For
+        ``stream add``."""
+        spec = self.get(name)
+        if pending is None and spec.format != "hub":
+            pending = self.pending(name)
+        return advice.source_warning(spec, pending.docs if pending is not None else None)
+
+    def heldout_size(self, name: str, *, enough_tokens: int | None = None) -> tuple[int, int]:
+        """``(documents, tokens)`` of the held-out text recorded so far (by any ingest);
+        tokens counted only up to ``enough_tokens`` when given."""
+        self.get(name)
+        tok = self.tokenizer
+        count = ((lambda text: len(text.encode("utf-8")) + 1) if isinstance(tok, ByteTokenizer)
+                 else (lambda text: len(tok.encode(text)) + 1))
+        return heldout_size(self.engine, name, count, enough_tokens)
+
+    def heldout_warning(self, name: str) -> str | None:
+        """One line (no trailing period, no "warning:" prefix) when the stream's held-out
+        text seen so far is missing or too small for a sound held-out loss (holdout 0, no
+        held-out document, fewer than 2 documents/chunks or 1,000 tokens), saying what to
+        do; None when it is enough. Call it after the cycle's ingest (which records the
+        held-out text it read)."""
+        spec = self.get(name)
+        docs, tokens = self.heldout_size(name, enough_tokens=advice.MIN_HELDOUT_TOKENS)
+        return advice.heldout_warning(spec, docs, tokens)
+
     def info(self, name: str, cursor: dict[str, Any] | None = None) -> StreamInfo:
         """Spec, pending estimate after ``cursor``, held-out count and staged data."""
         spec = self.get(name)
@@ -187,6 +220,7 @@ class StreamRegistry:
             pend: Pending | None = self.pending(name, cursor)
         except Exception:  # a vanished source must not break `stream show`
             pend = None
-        return StreamInfo(spec=spec.to_dict(), pending=pend,
-                          heldout_docs=count_heldout(self.engine, name),
-                          staged=list_staged(self.engine, name))
+        docs, tokens = self.heldout_size(name, enough_tokens=advice.MIN_HELDOUT_TOKENS)
+        return StreamInfo(spec=spec.to_dict(), pending=pend, heldout_docs=docs,
+                          staged=list_staged(self.engine, name),
+                          heldout_warning=advice.heldout_warning(spec, docs, tokens))

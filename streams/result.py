@@ -178,8 +178,10 @@ class StreamInfo:
     pending: Pending | None
     heldout_docs: int
     staged: list[StagedInfo]
+    heldout_warning: str | None = None  # ``StreamRegistry.heldout_warning``
 
     def to_dict(self) -> dict[str, Any]:
         return {"spec": self.spec, "pending": self.pending.to_dict() if self.pending else None,
                 "heldout_docs": self.heldout_docs,
-                "staged": [s.to_dict() for s in self.staged]}
+                "staged": [s.to_dict() for s in self.staged],
+                "heldout_warning": self.heldout_warning}

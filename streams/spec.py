@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from .errors import SpecError, StreamNameError
+from .split import HELDOUT_SPLITS
 
 FORMATS = ("text", "jsonl", "json", "csv", "parquet", "hub")
 TEXT_MODES = ("file", "paragraph", "line")
@@ -47,6 +48,9 @@ class StreamSpec:
     on_changed: what to do with a consumed file whose sha256 changed: ``error``,
               ``reread`` (read it again from the start as new data; reported) or ``skip``.
     holdout:  fraction of documents held out, by a hash of their content.
+    heldout_split: ``document`` (hold out whole documents) or ``chunk`` (hold out ~512-
+              character chunks of every document: for streams of few, long documents);
+              see ``split.py``. Registrations made before the option are ``document``.
     exclude:  fnmatch patterns on paths relative to a directory source to leave out.
     pattern:  fnmatch pattern on file names inside a directory source (default by format).
     hub_config / split: for hub datasets.
@@ -60,6 +64,7 @@ class StreamSpec:
     on_bad_rows: str = "error"
     on_changed: str = "reread"
     holdout: float = DEFAULT_HOLDOUT
+    heldout_split: str = "document"
     exclude: tuple[str, ...] = ()
     pattern: str | None = None
     hub_config: str | None = None
@@ -84,6 +89,8 @@ class StreamSpec:
             raise SpecError(f"stream {self.name!r}: on_changed {self.on_changed!r} not in {ON_CHANGED}")
         if not 0.0 <= float(self.holdout) < 1.0:
             raise SpecError(f"stream {self.name!r}: holdout must be in [0, 1), got {self.holdout}")
+        if self.heldout_split not in HELDOUT_SPLITS:
+            raise SpecError(f"stream {self.name!r}: heldout_split {self.heldout_split!r} not in {HELDOUT_SPLITS}")
         if not self.text_field:
             raise SpecError(f"stream {self.name!r}: empty text_field")
 
@@ -99,6 +106,7 @@ class StreamSpec:
             "on_bad_rows": self.on_bad_rows, "on_changed": self.on_changed,
             "exclude": list(self.exclude), "pattern": self.pattern,
             "hub_config": self.hub_config, "split": self.split,
+            "heldout_split": self.heldout_split,
         }
 
     def fingerprint(self) -> dict[str, Any]:

@@ -4,6 +4,7 @@ either a complete row or none; they never move a cursor."""
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
@@ -104,7 +105,20 @@ def get_heldout(engine: Engine, stream: str, max_docs: int | None = None) -> lis
         return list(conn.execute(stmt).scalars())
 
 
-def count_heldout(engine: Engine, stream: str) -> int:
+def heldout_size(engine: Engine, stream: str, count_tokens: Callable[[str], int],
+                 enough: int | None = None) -> tuple[int, int]:
+    """``(documents, tokens)`` of the stream's held-out set; tokens (``count_tokens`` of
+    each text, EOS included) are counted in first-seen order and only until ``enough``."""
+    tokens = 0
     with engine.connect() as conn:
-        return conn.execute(select(func.count()).select_from(stream_heldout)
+        docs = conn.execute(select(func.count()).select_from(stream_heldout)
                             .where(stream_heldout.c.stream == stream)).scalar_one()
+        rows = conn.execution_options(yield_per=64).execute(
+            select(stream_heldout.c.text).where(stream_heldout.c.stream == stream)
+            .order_by(stream_heldout.c.id))
+        for text in rows.scalars():
+            tokens += count_tokens(text)
+            if enough is not None and tokens >= enough:
+                break
+        rows.close()
+    return docs, tokens

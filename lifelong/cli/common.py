@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,7 +13,9 @@ from expert_store import ExpertStore
 from ..errors import CLIError
 from .main import STORE_ENV
 
-__all__ = ["add_parser", "open_store", "print_table", "print_json"]
+__all__ = ["add_parser", "open_store", "print_table", "print_json", "missing", "fmt", "NO_HELDOUT"]
+
+NO_HELDOUT = " (no held-out text)"
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str, help: str, example: str, **kw: Any) -> argparse.ArgumentParser:
@@ -44,3 +47,13 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
 
 def print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, default=str, sort_keys=False))
+
+
+def missing(x: Any) -> bool:
+    """None, NaN or infinite: a metric that was not (or could not be) measured."""
+    return x is None or (isinstance(x, float) and not math.isfinite(x))
+
+
+def fmt(x: Any, spec: str = ".3f") -> str:
+    """``x`` formatted, or ``-`` when missing (never ``nan``)."""
+    return "-" if missing(x) else format(x, spec)

@@ -1,4 +1,4 @@
-"""Cycle verbs: `cycle` (one growth cycle on a stream) and `eval` (the loss matrix).
+"""Cycle verbs: `cycle` (one growth cycle on a stream) and `eval` (the loss matrix; `--plot` draws it).
 
 `cycle` is thin over :func:`lifelong.cycle.run_cycle`: the same function the scheduler and
 the tests call. SIGTERM/SIGINT ask it to stop after the current step; a stopped cycle
@@ -9,19 +9,22 @@ is one transaction).
 from __future__ import annotations
 
 import argparse
+import math
 import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from expert_store import ExpertStore
 
 from ..config import CycleConfig, add_cycle_flags, cycle_config
 from ..cycle import CycleInterrupted, CycleResult
-from ..evaluate import continual_metrics, loss_matrix
+from ..errors import CLIError
+from ..evaluate import LossMatrix, continual_metrics, loss_matrix
 from ..workspace import open_registry, tensorboard_dir
-from .common import add_parser, open_store, print_json, print_table
+from .common import NO_HELDOUT, add_parser, fmt, missing, open_store, print_json, print_table
 from .streams import stream_hints
 
 EXIT_INTERRUPTED = 130
@@ -61,10 +64,6 @@ class _StopFlag:
                 signal.signal(sig, handler)
 
 
-def _fmt(x: Any, spec: str = ".3f") -> str:
-    return "-" if x is None else format(x, spec)
-
-
 def _print_result(res: CycleResult, store: ExpertStore, cfg: CycleConfig, parent_experts: int) -> None:
     m = res.metrics
     head = store.head()
@@ -72,14 +71,16 @@ def _print_result(res: CycleResult, store: ExpertStore, cfg: CycleConfig, parent
           f"{m.get('new_docs', 0):,} docs / {m.get('new_tokens', 0):,} tokens, {m.get('steps')} steps "
           f"in {res.seconds:.1f}s")
     losses = m.get("losses", {})
-    print("held-out loss (nats/token): " + "  ".join(f"{s} {_fmt(v)}" for s, v in losses.items())
-          + f"   mean {_fmt(m.get('mean_heldout_loss'))}")
+    mean = m.get("mean_heldout_loss")
+    print("held-out loss (nats/token): "
+          + "  ".join(f"{s} {fmt(v)}" + (NO_HELDOUT if v is None else "") for s, v in losses.items())
+          + f"   mean {fmt(mean)}" + (NO_HELDOUT if missing(mean) and all(v is None for v in losses.values()) else ""))
     forgetting = m.get("forgetting", {})
     limit = "" if cfg.max_forgetting is None else f" (guard: max {cfg.max_forgetting:g})"
     print("forgetting (nats, > 0 is worse): "
-          + ("  ".join(f"{s} {v:+.3f}" for s, v in forgetting.items()) or "none (no earlier stream)") + limit)
+          + ("  ".join(f"{s} {fmt(v, '+.3f')}" for s, v in forgetting.items()) or "none (no earlier stream)") + limit)
     print(f"experts: {m.get('experts')} (+{m.get('experts', 0) - parent_experts}), "
-          f"train loss {_fmt(m.get('train_loss'))}, {m.get('tokens_per_s', 0):,.0f} tokens/s")
+          f"train loss {fmt(m.get('train_loss'))}, {m.get('tokens_per_s', 0):,.0f} tokens/s")
     if res.accepted:
         print(f"committed version {res.version}: HEAD {res.parent} -> {head}")
     else:
@@ -147,15 +148,46 @@ def cmd_cycle(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plot_size(text: str) -> tuple[int, int]:
+    """``WxH`` in pixels (``--plot-size``)."""
+    w, sep, h = text.lower().partition("x")
+    if not (sep and w.strip().isdigit() and h.strip().isdigit()) or not (100 <= int(w) <= 10000 and 100 <= int(h) <= 10000):
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT in pixels, each 100..10000 (e.g. 1200x500), got {text!r}")
+    return int(w), int(h)
+
+
+def _finite(x: Any) -> Any:
+    """``x`` with every non-finite float replaced by None (no ``nan`` in the output)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
+def _write_plot(args: argparse.Namespace, matrix: LossMatrix, forgetting: dict[str, float], version: int) -> str:
+    from ..plots import write_loss_matrix_png
+
+    target = Path(args.plot)
+    if not target.parent.is_dir():
+        raise CLIError(f"cannot write the plot {target}: no directory {target.parent}", hint="create it first or pick another path")
+    return str(write_loss_matrix_png(matrix, forgetting, target, size=args.plot_size, title=f"loss matrix along version {version}"))
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     store = open_store(args, read_only=True)
     info = store.version(args.version)
     chain = list(reversed(store.log(info.id)))
     matrix = loss_matrix(chain)
-    summary = continual_metrics(matrix) if matrix.values else {}
-    usage = info.metrics.get("usage", {})
+    summary = _finite(continual_metrics(matrix)) if matrix.values else {}
+    usage = _finite(info.metrics.get("usage", {}))
+    plot = _write_plot(args, matrix, summary["forgetting"], info.id) if args.plot and matrix.values else None
+    empty = (f"version {info.id}: no cycle along its history has evaluated anything yet"
+             + ("; no plot written" if args.plot else "") + f"; run `lifelong --store {args.store} cycle --stream NAME`")
     if args.json:
-        print_json({
+        print_json(_finite({
             "version": info.id,
             "matrix": matrix.to_dict(),
             "forgetting": summary.get("forgetting", {}),
@@ -164,26 +196,32 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "forward_transfer": summary.get("forward_transfer"),
             "mean_heldout_loss": summary.get("mean_heldout_loss"),
             "usage": usage,
-        })
+            **({"plot": plot} if args.plot else {}),
+        }))
+        if args.plot and plot is None:
+            print(empty, file=sys.stderr)
         return 0
     if not matrix.values:
-        print(f"version {info.id}: no cycle along its history has evaluated anything yet; "
-              f"run `lifelong --store {args.store} cycle --stream NAME`")
+        print(empty)
         return 0
     print(f"loss matrix along version {info.id}'s first-parent history (held-out nats/token; rows: versions):")
     print(matrix.format_table())
     print()
     forgetting = summary["forgetting"]
     print("forgetting (last minus best earlier, nats; > 0 is worse): "
-          + ("  ".join(f"{s} {v:+.3f}" for s, v in forgetting.items()) or "none"))
-    print(f"mean forgetting {summary['mean_forgetting']:+.3f}   "
-          f"BWT {_fmt(summary['backward_transfer'], '+.3f')}   FWT {_fmt(summary['forward_transfer'], '+.3f')}   "
-          f"mean held-out loss {_fmt(summary['mean_heldout_loss'])}")
+          + ("  ".join(f"{s} {v:+.3f}" for s, v in forgetting.items() if v is not None) or "none"))
+    print(f"mean forgetting {fmt(summary['mean_forgetting'], '+.3f')}   "
+          f"BWT {fmt(summary['backward_transfer'], '+.3f')}   FWT {fmt(summary['forward_transfer'], '+.3f')}   "
+          f"mean held-out loss {fmt(summary['mean_heldout_loss'])}")
     if usage:
         print()
         print(f"expert usage at version {info.id} (on the last trained stream's held-out data):")
         print_table(["layer", "experts", "used %", "KL to uniform"],
-                    [(name, u.get("experts"), f"{100 * u['used_share']:.1f}", f"{u['kl_uniform']:.3f}") for name, u in usage.items()])
+                    [(name, u.get("experts"), fmt(None if u.get("used_share") is None else 100 * u["used_share"], ".1f"),
+                      fmt(u.get("kl_uniform"))) for name, u in usage.items()])
+    if plot:
+        print()
+        print(f"plot: {plot}")
     return 0
 
 
@@ -209,7 +247,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.set_defaults(func=cmd_cycle)
 
     p = add_parser(sub, "eval", "the loss matrix along HEAD's history, forgetting, transfer and expert usage",
-                   "lifelong --store ./store eval --json")
+                   "lifelong --store ./store eval --plot loss_matrix.png")
     p.add_argument("--version", default="HEAD", help="id, tag, ref or HEAD~n (default: HEAD)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--plot", metavar="FILE.png", help="also draw the loss matrix (heatmap) and forgetting per stream into this PNG")
+    p.add_argument("--plot-size", type=_plot_size, default=(1200, 500), metavar="WxH",
+                   help="the PNG's size in pixels (default: 1200x500)")
     p.set_defaults(func=cmd_eval)

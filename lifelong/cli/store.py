@@ -11,12 +11,50 @@ from ..checkpoint import checkout_model, init_store
 from ..config import ModelConfig, PEERConfig, config_to_dict, load_config
 from ..errors import CLIError
 from ..model import resolve_device
-from .common import add_parser, open_store, print_json, print_table
+from .common import NO_HELDOUT, add_parser, missing, open_store, print_json, print_table
+
+
+_HELDOUT_LOSSES = ("mean_heldout_loss", "loss_before")  # missing when there was no held-out text
+
+
+def _no_heldout(metrics: dict) -> bool:
+    """The version's cycle evaluated no stream: none had held-out text (loss None)."""
+    losses = metrics.get("losses")
+    return isinstance(losses, dict) and all(x is None for x in losses.values())
 
 
 def _metric_summary(v: VersionInfo) -> str:
-    keys = [k for k in ("mean_heldout_loss", "mean_forgetting", "recall") if k in v.metrics]
-    return " ".join(f"{k}={v.metrics[k]:.4g}" for k in keys if isinstance(v.metrics[k], (int, float)))
+    """The headline metrics of a version (``-`` for one not measured; never ``nan``)."""
+    out = []
+    for k in ("mean_heldout_loss", "mean_forgetting", "recall"):
+        if k not in v.metrics:
+            continue
+        x = v.metrics[k]
+        if missing(x):
+            out.append(f"{k}=-" + (NO_HELDOUT if k == "mean_heldout_loss" and _no_heldout(v.metrics) else ""))
+        elif isinstance(x, (int, float)) and not isinstance(x, bool):
+            out.append(f"{k}={x:.4g}")
+    return " ".join(out)
+
+
+def _metric_value(key: str, val: object, metrics: dict) -> str:
+    """One metric as `show` prints it: nested dicts and lists element-wise, ``-`` for a
+    missing number (with the reason for a held-out loss), never ``nan``."""
+    def fmt(x: object, nested: bool = True) -> str:
+        if missing(x):
+            return "-"
+        if isinstance(x, dict):
+            return "{" + ", ".join(f"{k!r}: {fmt(y)}" for k, y in x.items()) + "}"
+        if isinstance(x, (list, tuple)):
+            return "[" + ", ".join(fmt(y) for y in x) + "]"
+        return repr(x) if nested and isinstance(x, str) else str(x)
+
+    text = fmt(val, nested=False)
+    if key == "losses" and isinstance(val, dict) and any(x is None for x in val.values()):
+        text += "  (-: no held-out text)"
+    elif key in _HELDOUT_LOSSES and missing(val) and (key == "loss_before" or _no_heldout(metrics)):
+        text += NO_HELDOUT
+    return text
 
 
 def _version_dict(v: VersionInfo) -> dict:
@@ -38,13 +76,25 @@ def cmd_init(args: argparse.Namespace) -> int:
         cfg = load_config(ModelConfig, args.config)
     else:
         peer = PEERConfig(d_model=args.d_model, n_rows=args.rows, n_cols=args.cols, heads=args.heads, top_k=args.top_k, d_key=args.d_key)
-        cfg = ModelConfig(d_model=args.d_model, n_layers=args.layers, peer=peer)
+        cfg = ModelConfig(d_model=args.d_model, n_layers=args.layers, peer=peer, peer_layers=_peer_layers(args.peer_layers, args.layers))
     store, info = init_store(args.store, cfg, url=args.url, seed=args.seed)
     if args.json:
         print_json({"store": str(store.path), "version": _version_dict(info), "config": config_to_dict(cfg)})
     else:
         print(f"created store {store.path}: version {info.id} ({info.n_experts} experts in {len(info.shards)} shards)")
     return 0
+
+
+def _peer_layers(text: str, n_layers: int) -> list[int] | None:
+    """``all`` | ``middle`` | comma-separated block indices -> ModelConfig.peer_layers."""
+    if text == "all":
+        return list(range(n_layers))
+    if text == "middle":
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise CLIError(f"--peer-layers takes all, middle or block indices like 0,2; got {text!r}") from None
 
 
 def cmd_versions(args: argparse.Namespace) -> int:
@@ -101,7 +151,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     if v.metrics:
         print("metrics:")
         for k, val in v.metrics.items():
-            print(f"  {k}: {val}")
+            print(f"  {k}: {_metric_value(k, val, v.metrics)}")
     if v.cursors:
         print("stream cursors: " + ", ".join(sorted(v.cursors)))
     return 0
@@ -232,6 +282,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--top-k", type=int, default=16)
     p.add_argument("--d-key", type=int, default=128)
+    p.add_argument("--peer-layers", default="all", metavar="all|middle|I,J",
+                   help="blocks whose FFN is a PEER layer (default: all: growth and routing isolation then reach every "
+                        "FFN, nothing dense drifts under the freezing policies; see docs/continual.md)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_init)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,12 +23,14 @@ from streams import (BadInputError, ChangedFileError, Pending, SourceNotFoundErr
                      StreamNotFoundError, StreamRegistry, StreamSpec, register_defaults)
 from streams.defaults import DEFAULT_STREAMS
 from streams.spec import FORMATS, ON_BAD_ROWS, ON_CHANGED, TEXT_MODES
+from streams.split import CHUNK_CHARS, HELDOUT_SPLITS
 
 from ..workspace import defaults_cache_dir, open_registry
 from ..config import positive_int
 from .common import add_parser, open_store, print_json, print_table
 
 STAGED_NOTE = "staged; the cursor advances when a cycle commits a version"
+HELDOUT_COUNT_CAP = 1 << 24  # `ingest` counts the stream's held-out tokens up to this
 
 
 class _Registry(StreamRegistry):
@@ -111,6 +114,11 @@ def _local(source: str, fmt: str) -> str:
     return source if fmt == "hub" else os.path.abspath(os.path.expanduser(source))
 
 
+def _warn(message: str | None) -> None:
+    if message:
+        print(f"warning: {message}", file=sys.stderr)
+
+
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -132,18 +140,27 @@ def cmd_add(args: argparse.Namespace) -> int:
         spec = reg.add(args.name, sources[0] if len(sources) == 1 else sources, args.format,
                        text_field=args.text_field, text_mode=args.text_mode,
                        on_bad_rows=args.on_bad_rows, on_changed=args.on_changed,
-                       holdout=args.holdout, exclude=tuple(args.exclude), pattern=args.pattern,
+                       holdout=args.holdout, heldout_split=args.heldout_split,
+                       exclude=tuple(args.exclude), pattern=args.pattern,
                        hub_config=args.hub_config, split=args.split)
         head, cursor = _head_cursor(store, spec.name)
         pend = _pending(reg, spec.name, cursor)
+        warning = reg.source_warning(spec.name, pend) if pend is not None else None
     if args.json:
-        print_json({"spec": spec.to_dict(), "pending": pend.to_dict() if pend else None})
+        print_json({"spec": spec.to_dict(), "pending": pend.to_dict() if pend else None, "warning": warning})
+        _warn(warning)
         return 0
     print(f"added stream {spec.name} ({spec.format}) <- {_source_str(spec.to_dict()['source'])}")
     if pend is not None:
         print(f"pending: {pend.files} files, {_num(pend.docs)} docs, ~{_num(pend.tokens)} tokens "
-              f"(held out: {spec.holdout:g} of docs); `lifelong ingest {spec.name}` stages them")
+              f"(held out: {spec.holdout:g} of {_held_unit(spec.heldout_split)}s); "
+              f"`lifelong ingest {spec.name}` stages them")
+    _warn(warning)
     return 0
+
+
+def _held_unit(how: str) -> str:
+    return "doc" if how == "document" else f"~{CHUNK_CHARS}-character chunk"
 
 
 def cmd_add_defaults(args: argparse.Namespace) -> int:
@@ -214,8 +231,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     spec = info.spec
     print(f"stream {spec['name']}  ({spec['format']}), created {str(spec['created_at'])[:19]}")
     print(f"  source       {_source_str(spec['source'])}")
-    for key in ("text_field", "text_mode", "on_bad_rows", "on_changed", "holdout", "pattern",
-                "exclude", "hub_config", "split"):
+    for key in ("text_field", "text_mode", "on_bad_rows", "on_changed", "holdout", "heldout_split",
+                "pattern", "exclude", "hub_config", "split"):
         value = spec.get(key)
         if value not in (None, [], ()):
             print(f"  {key:<12} {value if not isinstance(value, list) else ', '.join(value)}")
@@ -228,7 +245,10 @@ def cmd_show(args: argparse.Namespace) -> int:
               f"{_num(p.bytes)} bytes, {_num(p.docs)} docs, ~{_num(p.tokens)} tokens")
         for path in p.changed_files:
             print(f"               changed since consumed: {path} ({spec['on_changed']})")
-    print(f"  held out     {info.heldout_docs:,} docs seen so far (fraction {spec['holdout']:g})")
+    unit = _held_unit(spec["heldout_split"])
+    print(f"  held out     {info.heldout_docs:,} {unit}s seen so far (fraction {spec['holdout']:g})")
+    if info.heldout_warning:
+        print(f"  warning      {info.heldout_warning}")
     if not staged:
         print("  staged       nothing (run `lifelong ingest NAME`)")
     for s, ok in staged:
@@ -260,11 +280,16 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             # files arrived after that staging: read again (replaces it; nothing counted twice)
             res = reg.ingest(args.name, cursor, args.budget, use_staged=False, stage=True)
         rest = None if res.exhausted else _pending(reg, args.name, res.new_cursor)
+        held_docs, held_tokens = reg.heldout_size(args.name, enough_tokens=HELDOUT_COUNT_CAP)
+        warning = reg.heldout_warning(args.name)
     status = Counter(f.status for f in res.files)
     if args.json:
         print_json({**res.summary(), "head": head, "bad_examples": res.bad_examples,
                     "files": dict(status), "changed_files": [f.path for f in res.changed_files],
-                    "remaining": rest.to_dict() if rest else None, "cursor_committed": False})
+                    "remaining": rest.to_dict() if rest else None, "cursor_committed": False,
+                    "stream_heldout": {"docs": held_docs, "tokens": held_tokens},
+                    "heldout_warning": warning})
+        _warn(warning)
         return 0
     how = "already staged; its files are unchanged and none is new" if res.from_staging else "read now"
     print(f"stream {args.name}, after {_cursor_summary(head, cursor)}")
@@ -274,7 +299,10 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     for f in res.changed_files:
         print(f"            changed since consumed: {f.path} ({f.action})")
     print(f"  train     {res.train_docs:,} docs, {res.train_token_count:,} tokens")
-    print(f"  held out  {res.heldout_docs:,} docs, {res.heldout_token_count:,} tokens")
+    unit = _held_unit(stored.heldout_split)
+    print(f"  held out  {res.heldout_docs:,} {unit}s, {res.heldout_token_count:,} tokens")
+    print(f"            the stream's held-out set so far (what cycles evaluate on): {held_docs:,} "
+          f"{unit}s, {held_tokens:,}{'+' if held_tokens >= HELDOUT_COUNT_CAP else ''} tokens")
     bad = ", ".join(f"{k}={v}" for k, v in sorted(res.bad_rows.items())) or "none"
     print(f"  bad rows  {bad}")
     for example in res.bad_examples[:5]:
@@ -287,6 +315,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
               f"stream's policy is {stored.on_bad_rows!r}, so a cycle reading it afresh would "
               f"stop at the same rows")
     print(STAGED_NOTE)
+    _warn(warning)
     return 0
 
 
@@ -314,6 +343,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a consumed file that was rewritten: read again, skip, or error (default: reread)")
     p.add_argument("--holdout", type=_fraction, default=0.05, metavar="FRACTION",
                    help="fraction of documents held out by content hash (default: 0.05)")
+    p.add_argument("--heldout-split", choices=HELDOUT_SPLITS, default="document",
+                   help=f"hold out whole documents (default) or ~{CHUNK_CHARS}-character chunks of "
+                        "every document: for a source of one or a few long documents")
     p.add_argument("--pattern", help="file-name pattern inside a directory (default by format)")
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                    help="leave out paths matching this (relative to a directory source); repeatable")

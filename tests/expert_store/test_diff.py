@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime, timezone
 
 from expert_store import ShardInfo, VersionInfo
@@ -42,7 +43,20 @@ def test_identity_is_the_shard_id_not_the_bytes() -> None:
     a = version(1, [shard(1, "b.0", 0, hash="x")], {})
     b = version(2, [shard(2, "b.0", 0, hash="x")], {}, dense="other")
     d = diff_versions(a, b)
-    assert [s.id for s in d.layers["b.0"].added] == [2] and [s.id for s in d.layers["b.0"].removed] == [1]
+    layer = d.layers["b.0"]  # same rows, another shard: changed, not added and removed
+    assert layer.added == [] and layer.removed == [] and [(x.id, y.id) for x, y in layer.changed] == [(1, 2)]
+    assert layer.experts_added == 0 and layer.experts_changed == 32
     assert d.dense_changed and d.summary().endswith("  dense weights changed")
     same = diff_versions(a, version(3, list(a.shards), {}))
     assert same.empty and same.layers == {} and same.summary() == "v1 -> v3: 1 shard(s) shared"
+
+
+def test_a_delta_shard_is_a_changed_shard() -> None:
+    base, other = shard(1, "b.0", 0), shard(2, "b.0", 4)
+    delta = replace(shard(3, "b.0", 0), base_id=1, depth=1, object_bytes=10)
+    grown = shard(4, "b.0", 8)
+    d = diff_versions(version(1, [base, other], {}), version(2, [delta, other, grown], {}))
+    layer = d.layers["b.0"]
+    assert [(x.id, y.id) for x, y in layer.changed] == [(1, 3)]
+    assert [s.id for s in layer.added] == [4] and layer.removed == [] and d.shared_shards == [2]
+    assert "~1 changed (1 as deltas)" in d.summary()

@@ -151,7 +151,7 @@ def test_invalid_commits_are_refused_before_anything_changes(store: ExpertStore)
         store.commit(shards=[], dense=dense(1), message="x", parent=ids[0], metrics={"bad": object()})
     with pytest.raises(InvalidCommitError, match="dense weights are empty"):
         store.commit(shards=[], dense={}, message="x", parent=ids[0])
-    with pytest.raises(InvalidCommitError, match="NewShard or ExistingShard"):
+    with pytest.raises(InvalidCommitError, match="NewShard, ExistingShard or DeltaShard"):
         store.commit(shards=[shard_id], dense=dense(1), message="x", parent=ids[0])
     with pytest.raises(UnknownShardError):
         store.commit(shards=[ExistingShard(999)], dense=dense(1), message="x", parent=ids[0])

@@ -7,15 +7,18 @@ from expert_store import ExpertStore
 
 
 def test_sigkill_during_commits_leaves_a_consistent_store(crash_store) -> None:
-    # 20 kills at uniform(0, 0.3) s into a loop of commits of ~0.5 MB shards; after each
-    # kill: verify() is clean, HEAD's objects all load, the next commit succeeds, gc
-    # removes the leftovers (all checked inside check_after_kill).
+    # 20 kills at uniform(0, 0.3) s into a loop of commits of ~0.5 MB shards and delta
+    # shards; after each kill: verify() is clean, HEAD's objects all load (delta chains
+    # applied), the next commit succeeds, gc removes the leftovers (check_after_kill).
     summary = crash_store.run(trials=20, rows=8, d=256, max_delay=0.3, seed=1)
     assert summary.failures == []
     assert summary.trials == 20
     # The kills landed in different phases: some left unreachable objects behind.
     assert summary.kills_leaving_unreachable_objects > 0
     assert summary.versions_committed > 20
+    # Every commit after the first sparse-updates each layer's first shard (a delta), and
+    # the chains grew past MAX_DELTA_CHAIN (compacted at commit time).
+    assert summary.delta_shards > 20 and summary.compactions > 0
 
 
 def test_two_processes_commit_on_the_same_parent(crash_store, store: ExpertStore) -> None:

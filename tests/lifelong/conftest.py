@@ -69,4 +69,4 @@ def tiny_init_flags() -> list[str]:
     """``lifelong init`` flags for the tiny shape (block_size stays init's default)."""
     p, m = TINY_PEER, TINY_MODEL
     return ["--rows", str(p["n_rows"]), "--cols", str(p["n_cols"]), "--d-model", str(m["d_model"]), "--layers", str(m["n_layers"]),
-            "--heads", str(p["heads"]), "--top-k", str(p["top_k"]), "--d-key", str(p["d_key"])]
+            "--heads", str(p["heads"]), "--top-k", str(p["top_k"]), "--d-key", str(p["d_key"]), "--peer-layers", "middle"]

@@ -13,7 +13,8 @@ SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_continual.py"
 def test_bench_continual_smoke(tmp_path, request):
     # The materialised default streams are a function of this Python and its installed
     # packages: keep them across runs (pytest's cache) when there is one.
-    cache = request.config.cache.mkdir("bench_continual_defaults") if request.config.cache else tmp_path / "cache"
+    # (no cache with -p no:cacheprovider: a temporary directory then)
+    cache = request.config.cache.mkdir("bench_continual_defaults") if getattr(request.config, "cache", None) else tmp_path / "cache"
     arms = ["dense", "freeze-experts", "replay-distill"]
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--smoke", "--json", "--threads", "1", "--arms", ",".join(arms),

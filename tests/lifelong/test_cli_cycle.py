@@ -39,41 +39,61 @@ def run(store_dir, *args, capsys):
     return code, out.out, out.err
 
 
+def show(store_dir, version: str, capsys) -> dict:
+    code, out, _ = run(store_dir, "show", version, "--json", capsys=capsys)
+    assert code == 0
+    return json.loads(out)
+
+
 def test_cycle_guard_and_eval(store_dir, capsys):
+    # The first cycle on the untrained base is trained in full whatever the policy (default freeze-experts).
     code, out, err = run(store_dir, "cycle", "--stream", "a", *FAST, "--json", capsys=capsys)
     assert code == 0, err
     res = json.loads(out)  # stdout is pure JSON; the cycle's log lines went to stderr
     assert res["accepted"] and res["ref"] == "HEAD" and res["head"] == res["version"] == 2
-    assert res["experts_added"] == 2 * 8 and set(res["metrics"]["losses"]) == {"a"}
+    assert res["policy"] == "full" and res["experts_added"] == 0 and res["metrics"]["grown_rows"] == 0
+    assert "version 1 has never been trained: this cycle trains it in full" in err
+    assert set(res["metrics"]["losses"]) == {"a"} and res["metrics"]["anchors"] > 0
     assert (store_dir / "tensorboard").is_dir()
 
-    # The version records the resolved cycle config (defaults < flags, every field), its
-    # training config as run: the steps and warm-up the cycle derived from the data.
+    # The version records the resolved cycle config (defaults < flags, every field; the policy
+    # that ran), its training config as run: the steps and warm-up the cycle derived from the data.
     resolved = config_to_dict(cycle_config({"grow_rows": 2, "token_budget": 20000, "eval_tokens": 2048, "batch_size": 8}))
-    code, out, _ = run(store_dir, "show", "HEAD", "--json", capsys=capsys)
-    saved = json.loads(out)["config"]["run"]["cycle"]
-    assert code == 0 and {**saved, "train": None} == {**resolved, "train": None}
+    assert resolved["policy"] == "freeze-experts" and resolved["routing_isolation"] is True
+    saved = show(store_dir, "HEAD", capsys)["config"]["run"]["cycle"]
+    assert res["config"] == saved and {**saved, "train": None} == {**resolved, "policy": "full", "train": None}
     derived = {"steps": None, "warmup_steps": None}
     assert {**saved["train"], **derived} == {**resolved["train"], **derived}
     assert saved["train"]["steps"] == res["metrics"]["steps"]
     code, out, _ = run(store_dir, "show", "HEAD", capsys=capsys)
     assert code == 0 and "resolved config of the run that made it:" in out
     lines = out.splitlines()
-    for line in ("cycle.policy: freeze-experts", "cycle.grow_rows: 2", "cycle.token_budget: 20000", "cycle.max_forgetting: None",
-                 "cycle.train.batch_size: 8", f"cycle.train.lr: {resolved['train']['lr']}", f"cycle.train.steps: {res['metrics']['steps']}"):
+    for line in ("cycle.policy: full", "cycle.grow_rows: 2", "cycle.token_budget: 20000", "cycle.max_forgetting: None",
+                 "cycle.routing_isolation: True", "cycle.train.batch_size: 8", f"cycle.train.lr: {resolved['train']['lr']}",
+                 f"cycle.train.steps: {res['metrics']['steps']}"):
         assert f"  {line}" in lines, line
 
     # The guard: any forgetting trips it; the version is a candidate, HEAD stays, exit 0 but loud.
-    code, out, err = run(store_dir, "cycle", "--stream", "b", "--policy", "freeze-all", *FAST, "--max-forgetting=-1e6", capsys=capsys)
+    # (This growth runs without routing isolation, as the flag asks.)
+    code, out, err = run(store_dir, "cycle", "--stream", "b", "--policy", "freeze-all", *FAST, "--max-forgetting=-1e6",
+                         "--no-routing-isolation", capsys=capsys)
     assert code == 0 and "GUARD FAILED" in out and "candidate/2" in out and "HEAD stays at 2" in out
-    assert "GUARD FAILED" in err
+    assert "GUARD FAILED" in err and "policy freeze-all" in out
     store = ExpertStore.open(store_dir)
     assert store.head() == 2 and {r.name: r.version_id for r in store.refs()}["candidate/2"] == 3
     store.close()
+    candidate = show(store_dir, "candidate/2", capsys)
+    assert candidate["metrics"]["routing_isolation"] is False and "isolation_violations" not in candidate["metrics"]
+    assert candidate["config"]["run"]["cycle"]["routing_isolation"] is False
+    assert candidate["experts"] == 64 + 2 * 8  # grown: the parent was trained
 
-    # Nothing moved: b is still pending against HEAD; now it commits.
+    # Nothing moved: b is still pending against HEAD; now it commits, routing-isolated (the default).
     code, out, err = run(store_dir, "cycle", "--stream", "b", "--policy", "freeze-all", *FAST, capsys=capsys)
     assert code == 0 and "committed version 4: HEAD 2 -> 4" in out and "forgetting" in out
+    m = show(store_dir, "HEAD", capsys)["metrics"]
+    assert m["policy"] == "freeze-all" and m["grown_rows"] == 2 and m["routing_isolation"] is True
+    assert isinstance(m["isolation_violations"], int) and m["anchors"] > res["metrics"]["anchors"]
+    assert list(m["routing_retention"]) == ["a"] and 0.0 <= m["routing_retention"]["a"] <= 1.0
 
     code, out, _ = run(store_dir, "eval", "--json", capsys=capsys)
     ev = json.loads(out)

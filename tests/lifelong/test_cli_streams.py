@@ -231,3 +231,72 @@ def test_ingest_through_a_real_process(store_dir, data, capsys):
     assert proc.returncode == 0, proc.stderr
     assert "train     3 docs" in proc.stdout and STAGED_NOTE in proc.stdout
     assert head_cursors(store_dir) == {}
+
+
+def one_long_document(lines: int = 240) -> str:
+    """~12 KB of lines without a blank one: a single document in paragraph mode."""
+    import random
+
+    rng = random.Random(7)
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+    return "".join(" ".join(rng.choice(words) for _ in range(rng.randint(3, 14))) + "\n" for _ in range(lines))
+
+
+@pytest.fixture()
+def report_drop(tmp_path):
+    """A drop folder holding one file of one paragraph (issue 11 §6's new user)."""
+    from streams import is_heldout
+
+    drop = tmp_path / "reports"
+    drop.mkdir()
+    text = one_long_document()
+    assert not is_heldout(text, 0.05)  # held out whole, this document would be trained on
+    (drop / "report.txt").write_text(text)
+    return drop
+
+
+def test_single_document_stream_warns_and_chunk_split_holds_out(store_dir, report_drop, capsys):
+    code, out, err = run(store_dir, "stream", "add", "rep", str(report_drop), "--text-mode", "paragraph", capsys=capsys)
+    assert code == 0 and "added stream rep" in out
+    assert err.startswith("warning: only 1 document pending") and "--text-mode line" in err
+    assert "--heldout-split chunk" in err
+
+    code, out, err = run(store_dir, "ingest", "rep", capsys=capsys)
+    assert code == 0 and "train     1 docs" in out and "held out  0 docs, 0 tokens" in out
+    assert "held-out set so far (what cycles evaluate on): 0 docs, 0 tokens" in out
+    assert err.startswith("warning: stream 'rep' has no held-out text") and "--heldout-split chunk" in err
+    res = run_json(store_dir, "ingest", "rep", capsys=capsys)
+    assert res["stream_heldout"] == {"docs": 0, "tokens": 0} and "no held-out text" in res["heldout_warning"]
+    code, out, _ = run(store_dir, "stream", "show", "rep", capsys=capsys)
+    assert code == 0 and "  warning      stream 'rep' has no held-out text" in out
+
+    code, out, err = run(store_dir, "stream", "add", "chunked", str(report_drop), "--text-mode", "paragraph",
+                         "--heldout-split", "chunk", capsys=capsys)
+    assert code == 0 and err == "" and "~512-character chunks" in out
+    code, out, err = run(store_dir, "ingest", "chunked", capsys=capsys)
+    assert code == 0 and err == ""
+    res = run_json(store_dir, "ingest", "chunked", capsys=capsys)
+    assert res["heldout_docs"] >= 2 and res["heldout_tokens"] >= 1000 and res["heldout_warning"] is None
+    assert res["train_tokens"] + res["heldout_tokens"] == len(one_long_document().encode()) + res["train_docs"] + res["heldout_docs"]
+    shown = run_json(store_dir, "stream", "show", "chunked", capsys=capsys)
+    assert shown["spec"]["heldout_split"] == "chunk" and shown["heldout_warning"] is None
+    assert usage_error(store_dir, "stream", "add", "x", str(report_drop), "--heldout-split", "line") == 2
+
+
+def test_no_nan_for_a_stream_without_heldout_text(store_dir, report_drop, capsys):
+    import re
+
+    nan = re.compile(r"\bnan\b", re.IGNORECASE)
+    assert run(store_dir, "stream", "add", "rep", str(report_drop), "--text-mode", "paragraph", capsys=capsys)[0] == 0
+    code, out, err = run(store_dir, "train", "--stream", "rep", "--budget", "20000", "--eval-tokens", "2048",
+                         "--batch-size", "8", "--device", "cpu", "--no-progress", capsys=capsys)
+    assert code == 0, err
+    assert not nan.search(out) and "rep - (no held-out text)   mean - (no held-out text)" in out
+    code, out, _ = run(store_dir, "versions", capsys=capsys)
+    assert code == 0 and not nan.search(out) and "mean_heldout_loss=- (no held-out text)" in out
+    code, out, _ = run(store_dir, "show", "HEAD", capsys=capsys)
+    assert code == 0 and not nan.search(out)
+    assert "  losses: {'rep': -}  (-: no held-out text)" in out.splitlines()
+    assert "  loss_before: - (no held-out text)" in out.splitlines()
+    code, out, _ = run(store_dir, "eval", capsys=capsys)
+    assert code == 0 and not nan.search(out)

@@ -1,7 +1,8 @@
 """`run_cycle` through the Python API on a tiny model and three tiny streams.
 
-Commit, policies (bit-identical freezing), the forgetting guard (candidate ref), replay and
-distillation, the lease, and SIGKILL of a cycle mid-training and mid-commit.
+Commit, policies (bit-identical freezing; a never-trained parent is trained in full first),
+routing isolation's metrics, the forgetting guard (candidate ref), replay and distillation,
+the lease, and SIGKILL of a cycle mid-training and mid-commit.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from sqlalchemy import select
 
 from expert_store import ExpertStore
-from lifelong.checkpoint import checkout_model, init_store
+from lifelong.checkpoint import checkout_model, commit_model, init_store
 from lifelong.config import CycleConfig, ModelConfig, TrainConfig
 from lifelong.cycle import NothingPendingError, run_cycle
 from lifelong.records import CycleRow, Lease, LeaseHeldError
@@ -66,8 +67,8 @@ def cfg(policy: str = "freeze-experts", **kw) -> CycleConfig:
                        train=TrainConfig(batch_size=8), **kw)
 
 
-def cycle(store: ExpertStore, stream: str, config: CycleConfig | None = None, **kw):
-    return run_cycle(store, registry(store), stream, config or cfg(), device="cpu", progress=False, log=lambda s: None, **kw)
+def cycle(store: ExpertStore, stream: str, config: CycleConfig | None = None, log=lambda s: None, **kw):
+    return run_cycle(store, registry(store), stream, config or cfg(), device="cpu", progress=False, log=log, **kw)
 
 
 def cycle_rows(store: ExpertStore) -> list[CycleRow]:
@@ -101,19 +102,22 @@ def base(tmp_path_factory, tiny_config) -> Path:
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory, base):
-    """a (freeze-experts) -> b (freeze-all) -> c (full), on a copy of ``base``."""
+    """a (freeze-experts asked; the untrained base makes it full) -> b (freeze-experts) ->
+    c (freeze-all), on a copy of ``base``; with each cycle's log lines."""
     path = tmp_path_factory.mktemp("chain") / "store"
     shutil.copytree(base, path)
     store = ExpertStore.open(path)
     expected = {s: registry(store).ingest(s, None, BUDGET, use_staged=False) for s in "abc"}
-    results = {s: cycle(store, s, cfg(p)) for s, p in (("a", "freeze-experts"), ("b", "freeze-all"), ("c", "full"))}
-    return store, results, expected
+    logs: dict[str, list[str]] = {s: [] for s in "abc"}
+    results = {s: cycle(store, s, cfg(p), log=logs[s].append) for s, p in (("a", "freeze-experts"), ("b", "freeze-experts"),
+                                                                          ("c", "freeze-all"))}
+    return store, results, expected, logs
 
 
 @pytest.fixture()
 def after_a(tmp_path, chain):
     """A private store whose HEAD is the chain's version after cycle a (b, c pending)."""
-    store, results, _ = chain
+    store, results, _, _ = chain
     path = tmp_path / "store"
     shutil.copytree(store.path, path)
     copy = ExpertStore.open(path)
@@ -123,7 +127,7 @@ def after_a(tmp_path, chain):
 
 
 def test_cycle_commits_a_version_with_cursor_metrics_and_growth(chain, tiny_config):
-    store, results, expected = chain
+    store, results, expected, _ = chain
     res = results["a"]
     assert res.accepted and res.ref == "HEAD" and res.parent == 1 and res.version == 2
     v = store.version(res.version)
@@ -132,8 +136,9 @@ def test_cycle_commits_a_version_with_cursor_metrics_and_growth(chain, tiny_conf
     assert set(v.metrics["losses"]) == {"a"} and v.metrics["losses"]["a"] > 0
     for s, r in results.items():  # every version: one loss-matrix row over every stream seen
         assert list(store.version(r.version).metrics["losses"]) == list("abc"[: "abc".index(s) + 1])
-    parent = experts_by_layer(store.version(1))
-    assert experts_by_layer(v) == {k: n + GROW * tiny_config().peer.n_cols for k, n in parent.items()}
+    b = store.version(results["b"].version)  # the first growth: the second cycle
+    assert b.parent == v.id and b.metrics["policy"] == "freeze-experts" and b.metrics["grown_rows"] == GROW
+    assert experts_by_layer(b) == {k: n + GROW * tiny_config().peer.n_cols for k, n in experts_by_layer(v).items()}
     assert [r.status for r in cycle_rows(store)] == ["committed"] * 3
     head = store.head()
     with pytest.raises(NothingPendingError):
@@ -142,38 +147,107 @@ def test_cycle_commits_a_version_with_cursor_metrics_and_growth(chain, tiny_conf
     assert len(cycle_rows(store)) == 3  # no cycle row either: refused before it started
 
 
+def test_an_untrained_parent_is_trained_in_full_whatever_policy_was_asked(chain, tiny_config):
+    store, results, _, logs = chain
+    res = results["a"]  # freeze-experts was asked, on the never-trained base version 1
+    assert res.policy == "full" and res.metrics["policy"] == "full" and res.metrics["grown_rows"] == 0
+    v = store.version(res.version)
+    assert v.metrics["policy"] == "full" and v.config["run"]["cycle"]["policy"] == "full"  # committed as what ran
+    assert experts_by_layer(v) == experts_by_layer(store.version(1))  # nothing grown
+    assert all(s.row_end <= tiny_config().peer.n_rows for s in v.shards) and not any(s.frozen for s in v.shards)
+    assert any("version 1 has never been trained: this cycle trains it in full" in line and "freeze-experts" in line
+               for line in logs["a"])
+    assert "routing_isolation" not in res.metrics  # nothing grew: nothing to isolate
+    assert res.metrics["anchors"] > 0  # but its queries are kept for the growths to come
+    pm, _ = checkout_model(store, 1, device="cpu")
+    cm, _ = checkout_model(store, res.version, device="cpu")
+    for name, old in pm.peer_layers().items():  # the old experts trained
+        assert not torch.equal(old.expert_u, cm.peer_layers()[name].expert_u)
+    # A trained parent is not overridden: the next cycle grew as asked, and logged no override.
+    assert results["b"].policy == "freeze-experts" and results["b"].metrics["grown_rows"] == GROW
+    assert not any("never been trained" in line for line in logs["b"] + logs["c"])
+
+
 def test_freeze_experts_keeps_old_experts_and_keys_bit_identical(chain):
-    store, results, _ = chain
-    parent, child = store.version(1), store.version(results["a"].version)
+    store, results, _, _ = chain
+    parent, child = store.version(results["a"].version), store.version(results["b"].version)
     old = {(s.layer, s.row_start, s.row_end): s.object_hash for s in parent.shards}
     new = {(s.layer, s.row_start, s.row_end): s.object_hash for s in child.shards}
     assert all(new[k] == h for k, h in old.items())  # same content hash: same bytes
-    pm, _ = checkout_model(store, 1, device="cpu")
-    cm, _ = checkout_model(store, results["a"].version, device="cpu")
+    pm, _ = checkout_model(store, parent.id, device="cpu")
+    cm, _ = checkout_model(store, child.id, device="cpu")
     assert old_tables_equal(pm, cm)
     assert any(not torch.equal(a, cm.dense_state_dict()[k]) for k, a in pm.dense_state_dict().items())  # dense trained
 
 
+RECORDED = (".anchors", ".background", ".background_batches")  # what a cycle records in the dense object, not weights
+
+
 def test_freeze_all_keeps_every_old_weight_bit_identical(chain, tiny_config):
-    store, results, _ = chain
-    pm, _ = checkout_model(store, results["a"].version, device="cpu")
-    cm, _ = checkout_model(store, results["b"].version, device="cpu")
+    store, results, _, _ = chain
+    pm, _ = checkout_model(store, results["b"].version, device="cpu")
+    cm, _ = checkout_model(store, results["c"].version, device="cpu")
     assert old_tables_equal(pm, cm)
     pd, cd = pm.dense_state_dict(), cm.dense_state_dict()
     assert pd.keys() == cd.keys() and any("running_mean" in k for k in pd)  # BatchNorm statistics included
     changed = [k for k in pd if not torch.equal(pd[k], cd[k])]
-    assert changed == []
-    grown = experts_by_layer(store.version(results["b"].version))
-    assert grown == {k: n + GROW * tiny_config().peer.n_cols for k, n in experts_by_layer(store.version(results["a"].version)).items()}
+    assert changed and all(k.endswith(RECORDED) for k in changed)
+    assert [k for k in changed if k.endswith(".anchors")] == [f"{n}.anchors" for n in pm.peer_layers()]
+    for name, old in pm.peer_layers().items():  # c's queries were added; every earlier anchor kept (in another order)
+        new = cm.peer_layers()[name].anchors
+        assert new.shape[0] > old.anchors.shape[0] > 0
+        assert all(bool((new == row).all(1).any()) for row in old.anchors)
+    grown = experts_by_layer(store.version(results["c"].version))
+    assert grown == {k: n + GROW * tiny_config().peer.n_cols for k, n in experts_by_layer(store.version(results["b"].version)).items()}
 
 
-def test_full_changes_old_experts_and_adds_none(chain):
-    store, results, _ = chain
-    b, c = store.version(results["b"].version), store.version(results["c"].version)
-    assert experts_by_layer(c) == experts_by_layer(b) and c.metrics["grown_rows"] == 0
-    pm, _ = checkout_model(store, b.id, device="cpu")
-    cm, _ = checkout_model(store, c.id, device="cpu")
-    for name, old in pm.peer_layers().items():
+def test_growth_on_a_trained_parent_is_routing_isolated(chain):
+    store, results, _, logs = chain
+    m = results["c"].metrics  # freeze-all on b's version, which holds a's and b's anchors
+    assert m["policy"] == "freeze-all" and m["routing_isolation"] is True
+    assert isinstance(m["isolation_keys_moved_at_growth"], int) and m["isolation_keys_moved_at_growth"] >= 0
+    assert isinstance(m["isolation_violations"], int) and m["isolation_violations"] >= 0
+    assert m["anchors"] > results["b"].metrics["anchors"] > results["a"].metrics["anchors"] > 0
+    assert set(m["routing_retention"]) == {"a", "b"}  # each earlier stream, never the one being trained
+    assert all(0.0 <= r <= 1.0 for r in m["routing_retention"].values())
+    assert set(results["b"].metrics["routing_retention"]) == {"a"}
+    assert store.version(results["c"].version).metrics["routing_retention"] == m["routing_retention"]  # committed
+    assert not any("no query anchors" in line for line in logs["b"] + logs["c"])
+
+
+@pytest.mark.xfail(strict=True, reason="source bug: RoutingIsolation.project does not reach violations() == 0 (see "
+                   "test_isolation.py); this freeze-all cycle commits isolation_violations > 0")
+def test_growth_on_a_trained_parent_commits_zero_isolation_violations(chain):
+    _, results, _, _ = chain
+    assert results["c"].metrics["isolation_violations"] == 0
+
+
+def test_growth_on_a_trained_version_without_anchors_logs_and_grows_unisolated(tmp_path, base):
+    shutil.copytree(base, tmp_path / "store")
+    with ExpertStore.open(tmp_path / "store") as store:
+        model, origin = checkout_model(store, 1, device="cpu")  # no anchors: as versions made before them
+        commit_model(store, model, origin=origin, message="trained elsewhere", metrics={"stream": "x"})
+        lines: list[str] = []
+        res = cycle(store, "a", cfg("freeze-all", epochs=0.1), log=lines.append)
+    assert res.policy == "freeze-all" and res.metrics["grown_rows"] == GROW  # trained parent: no override
+    assert res.metrics["routing_isolation"] is False and "isolation_violations" not in res.metrics
+    assert any("version 2 has no query anchors" in line and "growth without routing isolation" in line for line in lines)
+    assert res.metrics["anchors"] > 0
+
+
+def test_full_after_growth_changes_old_experts_and_adds_none(tmp_path, chain):
+    store, results, _, _ = chain
+    path = tmp_path / "store"
+    shutil.copytree(store.path, path)
+    with ExpertStore.open(path) as copy:
+        copy.rollback(results["b"].version, why="test: full after a growth")  # b grew and froze; c pending
+        res = cycle(copy, "c", cfg("full", epochs=0.1))
+        b, c = copy.version(results["b"].version), copy.version(res.version)
+        assert res.policy == "full" and experts_by_layer(c) == experts_by_layer(b) and c.metrics["grown_rows"] == 0
+        assert not any(s.frozen for s in c.shards)
+        pm, _ = checkout_model(copy, b.id, device="cpu")
+        cm, _ = checkout_model(copy, c.id, device="cpu")
+    for name, old in pm.peer_layers().items():  # the frozen rows trained again
         assert not torch.equal(old.expert_u, cm.peer_layers()[name].expert_u)
 
 
@@ -209,7 +283,7 @@ def test_replay_and_distillation_commit(after_a, chain):
     m = cycle(store, "b", cfg("freeze-experts", replay_ratio=0.25)).metrics
     assert m["replayed_rows"] == m["steps"] * per_batch and m["distilled_rows"] == 0
     # The chain trained b without replay: nothing replayed, nothing distilled.
-    _, results, _ = chain
+    _, results, _, _ = chain
     assert results["b"].metrics["replayed_rows"] == results["b"].metrics["distilled_rows"] == 0
 
 
@@ -309,7 +383,7 @@ def _check_after_kill(store_path: Path, pid: int, head: int, expected) -> bool:
 
 
 def test_sigkill_mid_training_and_mid_commit_leaves_the_store_consistent(tmp_path, chain):
-    store, results, expected = chain
+    store, results, expected, _ = chain
     src = Path(store.path)
     head = results["a"].version
 
@@ -351,9 +425,10 @@ def test_sigkill_mid_training_and_mid_commit_leaves_the_store_consistent(tmp_pat
 
 
 def test_optimizer_state_is_committed_and_resumed_by_the_next_cycle(after_a):
-    b = cycle(after_a, "b", cfg("full"))  # unfreezes everything: new parameter shapes, fresh AdamW
-    c = cycle(after_a, "c", cfg("full"))  # same shapes as b's: resumes b's optimizer state
+    assert after_a.version("HEAD").optimizer_hash is not None  # a's cycle (full) committed its optimizer state
+    b = cycle(after_a, "b", cfg("full", epochs=0.2))  # the same parameter shapes as a's: resumes a's state
+    c = cycle(after_a, "c", cfg("freeze-experts", epochs=0.2))  # grows: new shapes, a fresh optimizer
     assert after_a.version(b.version).optimizer_hash is not None
-    assert not b.metrics["resumed_optimizer"] and c.metrics["resumed_optimizer"]
-    state = after_a.load_optimizer(c.version)
+    assert b.metrics["resumed_optimizer"] and not c.metrics["resumed_optimizer"]
+    state = after_a.load_optimizer(b.version)
     assert any(k.startswith("adamw.") for k in state) and any(k.startswith("rows.") for k in state)

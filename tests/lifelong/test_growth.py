@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lifelong.config import CycleConfig
-from lifelong.growth import apply_policy, init_new_keys
+from lifelong.growth import apply_policy, init_new_keys, record_anchors
 from lifelong.model import PEERLM
 from lifelong.peer import recording
 
@@ -50,7 +50,8 @@ def test_full_trains_everything_and_grows_nothing(model):
         layer.freeze()
         layer.grow(1)
         layer.freeze_query()
-    assert apply_policy(model, policy("full"), new_blocks()) == {"grown_rows": 0}
+    growth = apply_policy(model, policy("full"), new_blocks())
+    assert growth.info == {"grown_rows": 0} and growth.isolation is None and growth.after_step is None
     assert all(p.requires_grad for p in model.parameters())
     for layer in model.peer_layers().values():
         assert (layer.n_rows, layer.frozen_rows, layer.trainable_start) == (ROWS + 1, 0, 0)
@@ -61,7 +62,9 @@ def test_full_trains_everything_and_grows_nothing(model):
 def test_freeze_experts_grows_freezes_old_and_trains_queries_and_dense(model):
     old = {n: (l.expert_u.clone(), l.all_row_keys().detach().clone(), l.col_keys.detach().clone())
            for n, l in model.peer_layers().items()}
-    assert apply_policy(model, policy("freeze-experts"), new_blocks()) == {"grown_rows": GROW}
+    growth = apply_policy(model, policy("freeze-experts"), new_blocks())
+    assert growth.info == {"grown_rows": GROW, "routing_isolation": False}  # no anchors yet: nothing to isolate
+    assert growth.isolation is None and growth.after_step is None
     assert all(p.requires_grad for p in dense_params(model))
     for name, layer in model.peer_layers().items():
         u0, keys0, cols0 = old[name]
@@ -152,3 +155,21 @@ def test_grown_keys_come_from_the_new_data_and_route_it_to_new_experts(model):
     # the new rows are 3/11 of the grid; keys from the new data's queries take more than that
     assert min(shares["queries"]) > GROW / (ROWS + GROW)
     assert np.mean(shares["queries"]) > np.mean(shares["random"]) + 0.15
+
+
+@pytest.mark.parametrize("name", ["freeze-experts", "freeze-all"])
+def test_growth_with_anchors_isolates_the_new_rows_unless_turned_off(model, name):
+    record_anchors(model, new_blocks(2, seed=5))
+    off = copy.deepcopy(model)
+    growth = apply_policy(model, policy(name), new_blocks())
+    assert growth.info["routing_isolation"] is True and isinstance(growth.info["isolation_keys_moved_at_growth"], int)
+    iso = growth.isolation
+    assert iso is not None and growth.after_step == iso.project
+    for n, layer in model.peer_layers().items():  # it guards the trainable (new) row keys, one bound per anchor
+        assert iso.layers[n] is layer and layer.row_keys.shape == (GROW, 8)
+        assert iso.allowed[n].shape == (layer.anchors.shape[0],)
+    plain = apply_policy(off, policy(name, routing_isolation=False), new_blocks())
+    assert plain.info == {"grown_rows": GROW, "routing_isolation": False} and plain.isolation is None
+    assert plain.after_step is None
+    full = apply_policy(copy.deepcopy(model), policy("full"), new_blocks())
+    assert full.isolation is None and full.info == {"grown_rows": 0}  # no growth: nothing to isolate
