@@ -59,8 +59,8 @@ def upgrade(engine: Engine) -> int:
 
 #: Per version: SQL of temporary views that present its tables with today's columns.
 _SQLITE_VIEWS: dict[int, list[str]] = {
-    1: ["CREATE TEMP VIEW IF NOT EXISTS shards AS SELECT *, NULL AS base_id, 0 AS depth, "
-        "bytes AS object_bytes FROM main.shards"],
+    1: [("CREATE TEMP VIEW IF NOT EXISTS shards AS SELECT *, NULL AS base_id, 0 AS depth, "
+         "bytes AS object_bytes FROM main.shards")],
 }
 
 

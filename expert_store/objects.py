@@ -249,15 +249,20 @@ class ObjectStore:
                 f"object {hash} is corrupt: its bytes hash to {actual}", hash=hash
             )
 
-    def load(self, hash: str, device: str | torch.device = "cpu", verify: bool = True) -> dict[str, torch.Tensor]:
-        """The tensors of an object on ``device``; re-hash first when ``verify``."""
+    def load(self, hash: str, device: str | torch.device = "cpu", verify: bool = True,
+             names: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """The tensors of an object (only ``names`` when given) on ``device``; re-hash
+        first when ``verify``."""
         if verify:
             self.check(hash)
         path = self.path(hash)
         if not path.is_file():
             raise MissingObjectError(f"object {hash} is missing ({path})", hash=hash)
         try:
-            return load_file(path, device=str(device))
+            if names is None:
+                return load_file(path, device=str(device))
+            with safe_open(path, framework="pt", device=str(device)) as f:
+                return {name: f.get_tensor(name) for name in names}
         except (SafetensorError, ValueError, RuntimeError) as exc:
             raise CorruptObjectError(f"object {hash} cannot be parsed: {exc}", hash=hash) from exc
 
@@ -279,17 +284,6 @@ class ObjectStore:
             raise MissingObjectError(f"object {hash} is missing ({path})", hash=hash) from exc
         except (struct.error, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise CorruptObjectError(f"object {hash} has an unreadable header: {exc!r}", hash=hash) from exc
-
-    def load_some(self, hash: str, names: list[str]) -> dict[str, torch.Tensor]:
-        """Only the tensors ``names`` of an object, on the CPU (not verified)."""
-        path = self.path(hash)
-        if not path.is_file():
-            raise MissingObjectError(f"object {hash} is missing ({path})", hash=hash)
-        try:
-            with safe_open(path, framework="pt") as f:
-                return {name: f.get_tensor(name) for name in names}
-        except (SafetensorError, ValueError, RuntimeError) as exc:
-            raise CorruptObjectError(f"object {hash} cannot be parsed: {exc}", hash=hash) from exc
 
     def hashes(self) -> Iterator[str]:
         """Names of all objects present on disk."""

@@ -375,7 +375,6 @@ class ExpertStore:
             return maintenance.gc(session, self.objects, dry_run=dry_run, grace_s=grace_s)
 
 
-
 def _put(objects: ObjectStore, tensors: Mapping[str, torch.Tensor]) -> tuple[ObjectInfo, bool]:
     return objects.put(tensors), False
 
@@ -383,8 +382,8 @@ def _put(objects: ObjectStore, tensors: Mapping[str, torch.Tensor]) -> tuple[Obj
 def _shard_row(shard: NewShard | DeltaShard, obj: ObjectInfo, compacted: bool, base: ShardInfo | None,
                created_by: str | None, now: datetime) -> Shard:
     """The row of a written shard: new, a delta on ``base``, or a delta written in full (compacted)."""
-    common = dict(object_hash=obj.hash, object_bytes=obj.payload_bytes, frozen=shard.frozen,
-                  created_by=created_by, created_at=now)
+    common: dict[str, Any] = {"object_hash": obj.hash, "object_bytes": obj.payload_bytes, "frozen": shard.frozen,
+                              "created_by": created_by, "created_at": now}
     if isinstance(shard, NewShard):
         return Shard(layer=shard.layer, row_start=shard.row_start, row_end=shard.row_end,
                      n_experts=shard.n_experts, dtype=dtype_name(shard.tensors), bytes=obj.payload_bytes,

@@ -9,11 +9,16 @@ checkout rebuilds exactly the committed model: same outputs bit for bit on the s
 This module is the only bridge between model and store: the model knows row ranges, never
 stored shard ids. :func:`checkout_model` returns, with the model, a :class:`ShardMap` from
 each layer's row ranges to the stored shards they came from; :func:`commit_model` takes it
-and commits a frozen row range again as an ``ExistingShard`` (nothing rewritten or re-hashed)
-when it was frozen at checkout (frozen tensors are never written) or its bytes still equal
-the stored ones. Every other range is written as a new shard (content addressing dedups
-identical bytes). On checkout, frozen shards stay resident (as views of the layer's table)
-so moving between versions that share them reads only the differing shards from disk.
+and commits each row range as cheaply as is exact:
+
+- frozen at checkout and now: the stored shard as it is (``ExistingShard``; frozen tensors
+  are never written, so nothing is read, rewritten or re-hashed);
+- trainable at checkout: compared with the stored bytes row by row; unchanged -> the stored
+  shard; at most ``DELTA_MAX_SHARE`` of its rows changed (a sparse update) -> a
+  ``DeltaShard`` of just those rows on top of it; otherwise written anew.
+
+On checkout, frozen shards stay resident (as views of the layer's table) so moving between
+versions that share them reads only the differing shards from disk.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from expert_store import ExistingShard, ExpertStore, NewShard, Residency, StoreError, VersionInfo
+from expert_store import DeltaShard, ExistingShard, ExpertStore, NewShard, Residency, StoreError, VersionInfo
 
 from .config import ModelConfig, config_from_dict, config_to_dict
 from .errors import LifelongError
@@ -90,19 +95,33 @@ def _check_matches(store: ExpertStore, model: PEERLM) -> None:
         )
 
 
-def _reusable(store: ExpertStore, origin: ShardMap | None, key: RowRange, shard: Shard, tensors: dict[str, torch.Tensor]) -> int | None:
-    """The stored shard id to commit ``shard`` as, or None to write it anew."""
-    if origin is None or not shard.frozen or key not in origin.shards:
+DELTA_MAX_SHARE = 0.25  # a changed shard is stored as a delta while at most this share of its rows changed
+
+
+def _stored_as(store: ExpertStore, origin: ShardMap | None, key: RowRange, shard: Shard,
+               tensors: dict[str, torch.Tensor]) -> ExistingShard | DeltaShard | None:
+    """How to commit ``shard``: as the stored shard it still is, as a delta of the few rows that
+    changed since, or (None) written anew."""
+    if origin is None or key not in origin.shards:
         return None
     shard_id = origin.shards[key]
-    if key in origin.frozen:
-        return shard_id  # frozen then and now: never written since
-    try:  # trainable in that version, frozen now: reuse only if the bytes did not change
+    if shard.frozen and key in origin.frozen:
+        return ExistingShard(shard_id)  # frozen then and now: never written since
+    try:  # trainable in that version: compare with the stored bytes, row by row
         stored = store.load_shard(shard_id, verify=False)
     except StoreError:
         return None
-    same = stored.keys() == tensors.keys() and all(torch.equal(stored[k], tensors[k].cpu()) for k in tensors)
-    return shard_id if same else None
+    if stored.keys() != tensors.keys() or any(stored[k].shape != t.shape or stored[k].dtype != t.dtype for k, t in tensors.items()):
+        return None
+    rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name, t in tensors.items():
+        t = t.detach().cpu()
+        changed = (stored[name] != t).reshape(t.shape[0], -1).any(dim=1).nonzero().squeeze(1)  # (R,) rows that differ
+        if changed.numel() > DELTA_MAX_SHARE * t.shape[0]:
+            return None
+        if changed.numel():
+            rows[name] = (changed, t[changed].contiguous())
+    return DeltaShard(shard_id, rows, frozen=shard.frozen) if rows else ExistingShard(shard_id)
 
 
 def _shard_tensors(layer: PEERLayer, shard: Shard) -> dict[str, torch.Tensor]:
@@ -141,13 +160,13 @@ def commit_model(
     _check_matches(store, model)
     if parent == "HEAD":
         parent = store.head()
-    shards: list[NewShard | ExistingShard] = []
+    shards: list[NewShard | ExistingShard | DeltaShard] = []
     for name, layer in model.peer_layers().items():
         for shard in layer.shards:
             tensors = _shard_tensors(layer, shard)
-            reuse = _reusable(store, origin, (name, shard.row_start, shard.row_end), shard, tensors)
-            if reuse is not None:
-                shards.append(ExistingShard(reuse))
+            stored = _stored_as(store, origin, (name, shard.row_start, shard.row_end), shard, tensors)
+            if stored is not None:
+                shards.append(stored)
                 continue
             shards.append(
                 NewShard(

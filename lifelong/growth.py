@@ -51,7 +51,6 @@ __all__ = [
 
 ANCHORS_PER_STREAM = 4096  # query vectors (token x head) kept per layer from each cycle's stream
 MAX_ANCHORS = 16384  # per layer; older anchors are subsampled to stay within it
-_PROJECTION_STEPS = 50
 
 
 @torch.no_grad()
@@ -88,17 +87,24 @@ def init_new_keys(model: PEERLM, blocks: np.ndarray, rows: int, *, seed: int = 0
 
 @dataclass
 class RoutingIsolation:
-    """Keeps the trainable (new) row keys of each layer out of its anchors' top-k."""
+    """Keeps the trainable (new) row keys of each layer out of its anchors' top-k.
+
+    The allowed region of a new key ``c`` is the intersection of the half-spaces
+    ``q1(a) . c <= allowed(a)``: convex. :meth:`before_growth` finds one point strictly inside
+    it per layer (the origin when every bound is positive); :meth:`project` moves a violating
+    key along the segment toward that point just far enough, which is exact and cheap.
+    """
 
     layers: dict[str, PEERLayer]
     q1: dict[str, Tensor]  # (A, dk/2) row halves of the anchors
     allowed: dict[str, Tensor]  # (A,) the most q1(a) . c may reach for a new row key c
+    inside: dict[str, Tensor]  # (dk/2,) a point of the allowed region (best effort when none was found)
 
     @classmethod
     @torch.no_grad()
     def before_growth(cls, model: PEERLM, margin: float) -> RoutingIsolation | None:
         """Bounds from the current (frozen) keys; None when no layer has anchors."""
-        layers, q1s, allowed = {}, {}, {}
+        layers, q1s, allowed, inside = {}, {}, {}, {}
         for name, layer in model.peer_layers().items():
             if layer.anchors.shape[0] == 0:
                 continue
@@ -107,37 +113,52 @@ class RoutingIsolation:
             q1, q2 = q.chunk(2, dim=-1)  # (A, dk/2) each
             bound = scores[:, -1] - (q2 @ layer.col_keys.detach().t()).amax(-1)  # (A,) s_k(a) - max_j q2 . C2_j
             layers[name], q1s[name], allowed[name] = layer, q1, bound - margin * bound.abs()
-        return cls(layers, q1s, allowed) if layers else None
+            inside[name] = _inside_point(q1, allowed[name])
+        return cls(layers, q1s, allowed, inside) if layers else None
 
     @torch.no_grad()
     def project(self) -> int:
-        """Move every violating new row key onto the allowed region (alternating projections
-        onto the most violated anchor's half-space, then shrinking what still violates).
-        Returns the number of keys that had to move."""
+        """Move every violating new row key toward the layer's inside point until no anchor
+        is violated. Returns the number of keys that had to move."""
         moved = 0
         for name, layer in self.layers.items():
-            c, q1, allowed = layer.row_keys.data, self.q1[name], self.allowed[name]  # (r, dk/2), (A, dk/2), (A,)
-            touched = torch.zeros(c.shape[0], dtype=torch.bool, device=c.device)
-            for _ in range(_PROJECTION_STEPS):
-                worst, a = (c @ q1.t() - allowed).max(dim=1)  # (r,)
-                bad = worst > 0
-                if not bool(bad.any()):
-                    break
-                touched |= bad
-                qa = q1[a[bad]]  # (b, dk/2)
-                c[bad] -= (worst[bad] / (qa * qa).sum(1).clamp_min(1e-12)).unsqueeze(1) * qa
+            c, q1, allowed, p = layer.row_keys.data, self.q1[name], self.allowed[name], self.inside[name]  # (r, dk/2), ...
             dots = c @ q1.t()  # (r, A)
-            over = (dots > allowed) & (dots > 0) & (allowed > 0)  # shrinking toward 0 fixes these
-            if bool(over.any()):
-                ratio = torch.where(over, allowed / dots.clamp_min(1e-12), torch.ones_like(dots)).amin(1)  # (r,)
-                touched |= ratio < 1
-                c.mul_(ratio.clamp(max=1.0).unsqueeze(1))
-            moved += int(touched.sum())
+            over = dots > allowed  # (r, A)
+            bad = over.any(1)  # (r,)
+            if not bool(bad.any()):
+                continue
+            pd = q1 @ p  # (A,) < allowed where p is inside
+            # On the segment c + t (p - c), anchor a holds once t >= (dots - allowed) / (dots - pd).
+            need = torch.where(over, (dots - allowed) / (dots - pd).clamp_min(1e-12), torch.zeros_like(dots))  # (r, A)
+            t = (need.amax(1) * (1 + 1e-4) + 1e-6).clamp(max=1.0)  # (r,) a hair past the bound
+            c[bad] += t[bad].unsqueeze(1) * (p - c[bad])
+            moved += int(bad.sum())
         return moved
 
     def violations(self) -> int:
-        """(anchor, new row) pairs where the new row would enter the anchor's top-k."""
+        """(anchor, new row) pairs where the new row could enter the anchor's top-k."""
         return sum(int((layer.row_keys.detach() @ self.q1[n].t() > self.allowed[n]).sum()) for n, layer in self.layers.items())
+
+
+def _inside_point(q1: Tensor, allowed: Tensor, steps: int = 500) -> Tensor:
+    """A point p with q1 @ p < allowed (strictly), found by minimising the squared hinge;
+    the origin when every bound is positive. Best effort when the region is empty."""
+    p = q1.new_zeros(q1.shape[1])
+    if bool((allowed > 0).all()):
+        return p
+    target = allowed - 0.05 * allowed.abs() - 1e-6  # aim strictly inside
+    p.requires_grad_(True)
+    opt = torch.optim.Adam([p], lr=0.05)
+    with torch.enable_grad():
+        for _ in range(steps):
+            loss = torch.relu(q1 @ p - target).pow(2).sum()
+            if float(loss) == 0.0:
+                break
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return p.detach()
 
 
 @dataclass
@@ -210,7 +231,7 @@ def record_anchors(model: PEERLM, blocks: np.ndarray, *, per_stream: int = ANCHO
     g = torch.Generator().manual_seed(seed)
     for name, layer in layers.items():
         q = torch.cat(recs[name].queries or []).reshape(-1, layer.config.d_key)  # (T*h, dk)
-        new = q[torch.randperm(q.shape[0], generator=g)[:per_stream].to(q.device)].to(layer.anchors)
+        new = q[torch.randperm(q.shape[0], generator=g)[: min(per_stream, cap)].to(q.device)].to(layer.anchors)
         old = layer.anchors
         keep = max(0, min(old.shape[0], cap - new.shape[0]))
         old = old[torch.randperm(old.shape[0], generator=g)[:keep].to(old.device)]

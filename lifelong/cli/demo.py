@@ -37,11 +37,10 @@ def demo_model_config() -> ModelConfig:
 def _cycle_config(first: bool, quick: bool, seed: int) -> CycleConfig:
     budget = (40_000 if first else 15_000) if quick else (2_000_000 if first else 600_000)
     train = TrainConfig(batch_size=16, lr=2e-3, expert_lr=2e-2, warmup_steps=20, seed=seed)
-    return CycleConfig(
+    return CycleConfig(  # growth cycles: the defaults (freeze-experts + routing isolation), no replay
         policy="full" if first else "freeze-experts",
         grow_rows=8,
         token_budget=budget,
-        replay_ratio=0.0 if first else 0.25,
         eval_tokens=8_192 if quick else 65_536,
         seed=seed,
         train=train,
@@ -79,7 +78,7 @@ def run_demo(args: argparse.Namespace) -> int:
             if stream in done:
                 print(f"- {stream}: already trained in this store (skipped)")
                 continue
-            what = "base training (policy full)" if i == 0 else "growth cycle (freeze old experts, grow, replay 25%)"
+            what = "base training (policy full)" if i == 0 else "growth cycle (grow, freeze old experts, routing isolation; no replay)"
             print(f"\n== {stream}: {what}")
             result = run_cycle(
                 store, registry, stream, _cycle_config(i == 0, args.quick, args.seed),
@@ -92,6 +91,9 @@ def run_demo(args: argparse.Namespace) -> int:
                   f"{m['tokens_per_s']:.0f} tokens/s, {m['experts']:,} experts")
             print(f"   held-out loss (nats/byte): {row}")
             print(f"   forgetting (nats, + = worse): {forget}")
+            retention = "  ".join(f"{s}={v:.1%}" for s, v in m.get("routing_retention", {}).items() if v is not None)
+            if retention:
+                print(f"   routing retention (router weight of earlier streams still on their experts): {retention}")
 
         print("\n== audit: FAISS exact top-k vs product-key retrieval on held-out text of every stream")
         report = audit_version(store, registry, "HEAD", max_queries=256 if args.quick else 2048, progress=progress, monitor=monitor)

@@ -133,15 +133,16 @@ def cmd_show(args: argparse.Namespace) -> int:
         print_json(data)
         return 0
     print(f"version {v.id}  parent {v.parent}  {v.created_at:%Y-%m-%d %H:%M:%S} UTC\n  {v.message}")
-    print(f"  experts {v.n_experts}, shard bytes {v.shard_bytes}, dense object {v.dense_hash[:12]}")
+    print(f"  experts {v.n_experts}, shard bytes {v.shard_bytes} loaded, {v.object_bytes} stored (deltas count their rows), dense object {v.dense_hash[:12]}")
     geometry = v.config.get("layers", {})
 
     def frozen(s) -> str:  # in this version (a shard written while trainable can be frozen later)
         rows = geometry.get(s.layer, {}).get("frozen_rows")
         return "yes" if (s.row_end <= rows if rows is not None else s.frozen) else "no"
 
-    rows = [(s.id, s.layer, f"{s.row_start}-{s.row_end}", s.n_experts, s.dtype, s.bytes, frozen(s), s.object_hash[:12]) for s in v.shards]
-    print_table(["shard", "layer", "rows", "experts", "dtype", "bytes", "frozen", "object"], rows)
+    rows = [(s.id, s.layer, f"{s.row_start}-{s.row_end}", s.n_experts, s.dtype, s.bytes, frozen(s),
+             f"delta on {s.base_id}" if s.base_id is not None else "-", s.object_hash[:12]) for s in v.shards]
+    print_table(["shard", "layer", "rows", "experts", "dtype", "bytes", "frozen", "stored as", "object"], rows)
     run = v.config.get("run")
     if run:
         print("resolved config of the run that made it:")
@@ -173,7 +174,10 @@ def cmd_diff(args: argparse.Namespace) -> int:
             {
                 "a": d.a,
                 "b": d.b,
-                "layers": {n: {"experts_added": l.experts_added, "experts_removed": l.experts_removed, "shards_added": [s.id for s in l.added], "shards_removed": [s.id for s in l.removed]} for n, l in d.layers.items()},
+                "layers": {n: {"experts_added": l.experts_added, "experts_removed": l.experts_removed,
+                               "experts_changed": l.experts_changed, "shards_added": [s.id for s in l.added],
+                               "shards_removed": [s.id for s in l.removed],
+                               "shards_changed": [[a.id, b.id] for a, b in l.changed]} for n, l in d.layers.items()},
                 "metrics": d.metrics,
                 "dense_changed": d.dense_changed,
                 "shared_shards": d.shared_shards,

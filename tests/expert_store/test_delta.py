@@ -49,6 +49,14 @@ def sparse_update(base: Tensors, seed: int, names: tuple[str, ...] = ("u", "v", 
     return rows, after
 
 
+def record_reads(store: ExpertStore, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The hashes of the objects loaded from now on, in order."""
+    reads: list[str] = []
+    real_load = store.objects.load
+    monkeypatch.setattr(store.objects, "load", lambda h, *a, **kw: reads.append(h) or real_load(h, *a, **kw))
+    return reads
+
+
 def commit_delta(store: ExpertStore, base_id: int, rows: dict, message: str = "sparse", frozen: bool = False):
     return store.commit(shards=[DeltaShard(base_id, rows, frozen=frozen)], dense=dense(0), message=message,
                         parent=store.head())
@@ -158,30 +166,23 @@ def chain(store: ExpertStore):
     return v1, v2, v3
 
 
-def test_verify_and_load_name_a_corrupt_delta(store: ExpertStore, chain) -> None:
-    v1, v2, v3 = chain
-    base, d1, d2 = v1.shards[0], v2.shards[0], v3.shards[0]
-    flip_byte(store.objects.path(d1.object_hash))
+@pytest.mark.parametrize("bad", [0, 1], ids=["base", "first-delta"])
+def test_verify_and_load_name_a_corrupt_chain_member(store: ExpertStore, chain, bad: int) -> None:
+    members = [v.shards[0] for v in chain]  # base, delta on it, delta on that
+    broken = members[bad]
+    flip_byte(store.objects.path(broken.object_hash))
+    needed_by = tuple(v.id for v in chain[bad:])
     problems = store.verify()
     assert [(p.kind, p.hash, p.shard_ids, p.version_ids) for p in problems] == [
-        ("corrupt-object", d1.object_hash, (d1.id, d2.id), (v2.id, v3.id))]
+        ("corrupt-object", broken.object_hash, tuple(m.id for m in members[bad:]), needed_by)]
+    last = members[-1]
     with pytest.raises(CorruptObjectError) as info:
-        store.load_shard(d2.id)
+        store.load_shard(last.id)
     err = info.value
-    assert (err.shard_id, err.version_ids, err.hash) == (d2.id, (v2.id, v3.id), d1.object_hash)
-    assert f"shard {d2.id}" in str(err) and f"through shard {d1.id}" in str(err)
-    assert store.load_shard(base.id) and store.rollback(v1.id) == v1.id  # v1 is intact
-
-
-def test_verify_and_load_name_a_corrupt_base(store: ExpertStore, chain) -> None:
-    v1, v2, v3 = chain
-    base, d1, d2 = v1.shards[0], v2.shards[0], v3.shards[0]
-    flip_byte(store.objects.path(base.object_hash))
-    [problem] = store.verify()
-    assert (problem.kind, problem.shard_ids, problem.version_ids) == ("corrupt-object", (base.id, d1.id, d2.id), (v1.id, v2.id, v3.id))
-    with pytest.raises(CorruptObjectError, match=f"through shard {base.id}") as info:
-        store.load_shard(d1)
-    assert info.value.version_ids == (v1.id, v2.id, v3.id)
+    assert (err.shard_id, err.version_ids, err.hash) == (last.id, needed_by, broken.object_hash)
+    assert f"shard {last.id}" in str(err) and f"through shard {broken.id}" in str(err)
+    if bad:  # the versions before the broken delta still load, and HEAD can go back to them
+        assert store.load_shard(members[0].id) and store.rollback(chain[0].id) == chain[0].id
 
 
 def test_verify_reports_a_delta_that_does_not_apply(store: ExpertStore, chain) -> None:
@@ -212,10 +213,10 @@ def test_verify_reports_a_delta_row_with_a_missing_base(store: ExpertStore, chai
 
 
 def test_gc_keeps_every_object_of_a_chain(store: ExpertStore, chain) -> None:
-    v1, v2, v3 = chain
+    v1, _, v3 = chain
     store.rollback(v1.id)
+    rows, _ = sparse_update(tensors(0), seed=9)
     with pytest.raises(ConflictError):  # a lost race leaves its delta object unreachable
-        rows, _ = sparse_update(tensors(0), seed=9)
         store.commit(shards=[DeltaShard(v3.shards[0].id, rows)], dense=dense(0), message="late", parent=v3.id)
     needed = {s.object_hash for v in chain for s in v.shards} | {v1.dense_hash}
     result = store.gc(grace_s=0)
@@ -230,9 +231,7 @@ def test_residency_applies_deltas_on_a_resident_base(store: ExpertStore, chain, 
     residency.checkout(v1.id)
     base_u = residency.tensors(v1.shards[0].id)["u"]
     base_copy = base_u.clone()
-    reads: list[str] = []
-    real_load = store.objects.load
-    monkeypatch.setattr(store.objects, "load", lambda h, *a, **kw: reads.append(h) or real_load(h, *a, **kw))
+    reads = record_reads(store, monkeypatch)
     result = residency.checkout(v3.id)
     assert result.loaded == [v3.shards[0].id] and result.reused == [v1.shards[1].id]
     assert result.evicted == [v1.shards[0].id]
@@ -250,9 +249,7 @@ def test_residency_on_the_cpu_reads_the_base_by_default(store: ExpertStore, chai
     residency = Residency(store, "cpu")
     assert not residency.reuse_bases and Residency(store, "cuda:0").reuse_bases
     residency.checkout(v1.id)
-    reads: list[str] = []
-    real_load = store.objects.load
-    monkeypatch.setattr(store.objects, "load", lambda h, *a, **kw: reads.append(h) or real_load(h, *a, **kw))
+    reads = record_reads(store, monkeypatch)
     result = residency.checkout(v2.id)
     assert reads == [v1.shards[0].object_hash, v2.shards[0].object_hash]
     assert same_bits(result.layers[LAYER][0][1], store.load_shard(v2.shards[0]))

@@ -12,9 +12,13 @@ from lifelong.cli.main import main
 
 
 @pytest.fixture()
-def tiny_demo(monkeypatch, tiny_config):
+def tiny_demo(monkeypatch, tiny_config, request, tmp_path):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # The materialised default streams are a function of this Python: keep them across runs
+    # in pytest's cache (as test_bench_continual does) instead of rebuilding them per store.
+    cache = request.config.cache.mkdir("demo_defaults") if getattr(request.config, "cache", None) else tmp_path / "defaults"
+    monkeypatch.setattr(demo, "defaults_cache_dir", lambda store: cache)
     monkeypatch.setattr(demo, "demo_model_config", lambda: tiny_config(n_cols=16, block_size=32))
     real = demo._cycle_config
 

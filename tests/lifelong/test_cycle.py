@@ -196,7 +196,7 @@ def test_freeze_all_keeps_every_old_weight_bit_identical(chain, tiny_config):
     for name, old in pm.peer_layers().items():  # c's queries were added; every earlier anchor kept (in another order)
         new = cm.peer_layers()[name].anchors
         assert new.shape[0] > old.anchors.shape[0] > 0
-        assert all(bool((new == row).all(1).any()) for row in old.anchors)
+        assert {r.tobytes() for r in old.anchors.numpy()} <= {r.tobytes() for r in new.numpy()}
     grown = experts_by_layer(store.version(results["c"].version))
     assert grown == {k: n + GROW * tiny_config().peer.n_cols for k, n in experts_by_layer(store.version(results["b"].version)).items()}
 
@@ -215,8 +215,6 @@ def test_growth_on_a_trained_parent_is_routing_isolated(chain):
     assert not any("no query anchors" in line for line in logs["b"] + logs["c"])
 
 
-@pytest.mark.xfail(strict=True, reason="source bug: RoutingIsolation.project does not reach violations() == 0 (see "
-                   "test_isolation.py); this freeze-all cycle commits isolation_violations > 0")
 def test_growth_on_a_trained_parent_commits_zero_isolation_violations(chain):
     _, results, _, _ = chain
     assert results["c"].metrics["isolation_violations"] == 0

@@ -22,7 +22,7 @@ def test_cycle_writes_scalars_histogram_and_sample(tmp_path, tiny_config):
     reg = StreamRegistry(store.engine, work_dir=str(tmp_path / "work"))
     log_dir = tmp_path / "store" / "tensorboard"
     monitor = Monitor(log_dir)
-    cfg = CycleConfig(grow_rows=2, token_budget=20_000, eval_tokens=2048, train=TrainConfig(batch_size=8))
+    cfg = CycleConfig(grow_rows=2, token_budget=20_000, eval_tokens=2048, epochs=0.5, train=TrainConfig(batch_size=8))
     results = []
     for name in "ab":
         reg.add(name, str(tmp_path / f"{name}.txt"))
