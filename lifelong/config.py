@@ -190,9 +190,10 @@ class TrainConfig:
 class CycleConfig:
     """One growth cycle: what grows, what trains, on how much data, and the guard."""
 
-    policy: str = _flag("freeze-experts", "full: fine-tune all, no growth; freeze-experts: grow, old experts and keys "
-                        "frozen, dense parts train; freeze-all: grow, only the new rows train; sparse: no growth, only "
-                        "the top-t experts per batch by TF-IDF train", choices=POLICIES)
+    policy: str = _flag("freeze-all", "freeze-all: grow, only the new rows train (with routing isolation old text keeps "
+                        "its outputs; docs/continual.md); freeze-experts: grow, old experts and keys frozen, dense parts "
+                        "train; full: fine-tune all, no growth; sparse: no growth, only the top-t experts per batch by "
+                        "TF-IDF train", choices=POLICIES)
     grow_rows: int = _flag(8, "rows added to every PEER layer (ignored by `full`)", type=positive_int, metavar="N")
     token_budget: int | None = _flag(1_000_000, "new tokens taken from the stream per cycle", "--budget", type=positive_int, metavar="TOKENS")
     epochs: float = _flag(1.0, "passes over the new data (sets the number of steps)", type=float)

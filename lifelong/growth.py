@@ -129,8 +129,11 @@ class RoutingIsolation:
             if not bool(bad.any()):
                 continue
             pd = q1 @ p  # (A,) < allowed where p is inside
-            # On the segment c + t (p - c), anchor a holds once t >= (dots - allowed) / (dots - pd).
-            need = torch.where(over, (dots - allowed) / (dots - pd).clamp_min(1e-12), torch.zeros_like(dots))  # (r, A)
+            # On the segment c + t (p - c), anchor a holds once t >= (dots - allowed) / (dots - pd). An
+            # anchor p itself violates (the region is empty: tiny key dims, many anchors) cannot be
+            # fixed this way and is left to violations(); it does not drag the key onto p.
+            fixable = over & (pd < allowed)  # (r, A)
+            need = torch.where(fixable, (dots - allowed) / (dots - pd).clamp_min(1e-12), torch.zeros_like(dots))  # (r, A)
             t = (need.amax(1) * (1 + 1e-4) + 1e-6).clamp(max=1.0)  # (r,) a hair past the bound
             c[bad] += t[bad].unsqueeze(1) * (p - c[bad])
             moved += int(bad.sum())
@@ -141,22 +144,24 @@ class RoutingIsolation:
         return sum(int((layer.row_keys.detach() @ self.q1[n].t() > self.allowed[n]).sum()) for n, layer in self.layers.items())
 
 
-def _inside_point(q1: Tensor, allowed: Tensor, steps: int = 500) -> Tensor:
-    """A point p with q1 @ p < allowed (strictly), found by minimising the squared hinge;
-    the origin when every bound is positive. Best effort when the region is empty."""
+def _inside_point(q1: Tensor, allowed: Tensor, steps: int = 3000) -> Tensor:
+    """A point p with q1 @ p < allowed (strictly): the origin when every bound is positive,
+    else found by minimising a smooth maximum of the normalised violations (Adam), stopping as
+    soon as p is strictly inside. When the region is empty, the point violating least."""
     p = q1.new_zeros(q1.shape[1])
     if bool((allowed > 0).all()):
         return p
-    target = allowed - 0.05 * allowed.abs() - 1e-6  # aim strictly inside
+    norm = q1.norm(dim=1).clamp_min(1e-12)  # (A,)
+    qn, bn = q1 / norm[:, None], allowed / norm  # the same half-spaces, unit normals
     p.requires_grad_(True)
-    opt = torch.optim.Adam([p], lr=0.05)
+    opt = torch.optim.Adam([p], lr=0.02)
     with torch.enable_grad():
-        for _ in range(steps):
-            loss = torch.relu(q1 @ p - target).pow(2).sum()
-            if float(loss) == 0.0:
+        for step in range(steps):
+            gap = qn @ p - bn  # (A,) > 0: violated
+            if step % 25 == 0 and float(gap.detach().max()) < -1e-4:
                 break
             opt.zero_grad()
-            loss.backward()
+            (torch.logsumexp(gap * 100.0, 0) / 100.0).backward()  # ~ max violation, smooth
             opt.step()
     return p.detach()
 
