@@ -28,7 +28,7 @@ from streams import StreamRegistry, pack_blocks
 from .checkpoint import checkout_model, commit_model
 from .config import CycleConfig, config_to_dict
 from .errors import LifelongError
-from .evaluate import (continual_metrics, evaluate_loss, expert_usage, experts_when_trained, heldout_blocks, loss_matrix,
+from .evaluate import (LossMatrix, continual_metrics, evaluate_loss, expert_usage, experts_when_trained, heldout_blocks, loss_matrix,
                        routing_retention, stream_order)
 from .growth import Growth, apply_policy, record_anchors, record_background
 from .model import PEERLM, resolve_device, sample_text
@@ -137,9 +137,9 @@ def run_cycle(
                 raise CycleInterrupted(f"cycle {c.id} stopped after {trained.steps} steps; no version was committed")
 
             usage_blocks = held_new if len(held_new) else new_blocks[:32]
-            metrics, usage_counts = _evaluate(c, model, held_new, usage_blocks)  # evaluate
+            metrics, matrix, usage_counts = _evaluate(c, model, held_new, loss_before, usage_blocks)  # evaluate
             metrics.update(
-                loss_before=loss_before, train_loss=trained.final_loss, steps=trained.steps, tokens_per_s=trained.tokens_per_s,
+                train_loss=trained.final_loss, steps=trained.steps, tokens_per_s=trained.tokens_per_s,
                 replayed_rows=trained.replayed_rows, distilled_rows=trained.distilled_rows, new_docs=data.train_docs,
                 new_tokens=data.train_token_count, bad_rows=data.bad_rows,
                 global_step=int(parent.metrics.get("global_step", 0)) + trained.steps, resumed_optimizer=trained.resumed_optimizer,
@@ -168,7 +168,8 @@ def run_cycle(
             if guard_failed:  # guard: HEAD did not move
                 log(f"guard: forgetting {worst:.3f} nats > max_forgetting {cfg.max_forgetting}: version {version.id} kept as "
                     f"'{ref}', HEAD stays at {parent.id} (automatic rollback)")
-            _log_cycle(c, model, version.id, metrics, usage_counts, usage_blocks)
+            matrix.versions[-1] = version.id
+            _log_cycle(c, model, metrics, matrix, usage_counts, usage_blocks)
         registry.clear_staged(stream)
     return CycleResult(c.id, stream, cfg.policy, version.id, parent.id, ref, metrics, time.perf_counter() - t_start)
 
@@ -242,9 +243,11 @@ def _train(c: _Cycle, model: PEERLM, new_blocks: np.ndarray, new_tokens: int, gr
     )
 
 
-def _evaluate(c: _Cycle, model: PEERLM, held_new: np.ndarray, usage_blocks: np.ndarray) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """One row of the loss matrix (every stream seen so far), forgetting and transfer, and
-    expert usage on ``usage_blocks``; with the per-expert usage (N,) of each layer."""
+def _evaluate(c: _Cycle, model: PEERLM, held_new: np.ndarray, loss_before: float | None,
+              usage_blocks: np.ndarray) -> tuple[dict[str, Any], LossMatrix, dict[str, torch.Tensor]]:
+    """One row of the loss matrix (every stream seen so far), forgetting and transfer (the
+    parent's ``loss_before`` on the new stream counts for forward transfer), and expert usage
+    on ``usage_blocks``; with the matrix (its new row labelled -1) and the per-expert usage."""
     mc = model.config
     chain = list(reversed(c.store.log(c.parent.id)))
     losses: dict[str, float | None] = {}
@@ -260,16 +263,18 @@ def _evaluate(c: _Cycle, model: PEERLM, held_new: np.ndarray, usage_blocks: np.n
         if then is not None and recs:
             retention[s] = routing_retention({n: r.usage for n, r in recs.items() if r.usage is not None}, then)
     metrics: dict[str, Any] = {
-        "stream": c.stream, "policy": c.cfg.policy, "cycle": c.id, "losses": losses, "baseline_loss": math.log(mc.vocab_size),
+        "stream": c.stream, "policy": c.cfg.policy, "cycle": c.id, "losses": losses, "loss_before": loss_before,
+        "baseline_loss": math.log(mc.vocab_size),
         "routing_retention": retention,  # per earlier stream: router weight still on the experts it was trained with
     }
-    metrics.update(continual_metrics(loss_matrix(chain + [SimpleNamespace(id=-1, metrics=metrics)])))
+    matrix = loss_matrix(chain + [SimpleNamespace(id=-1, metrics=metrics)])
+    metrics.update(continual_metrics(matrix))
     counts: dict[str, torch.Tensor] = {}
     metrics["usage"] = expert_usage(model, usage_blocks, counts=counts)
-    return metrics, counts
+    return metrics, matrix, counts
 
 
-def _log_cycle(c: _Cycle, model: PEERLM, version: int, metrics: dict[str, Any], counts: dict[str, torch.Tensor],
+def _log_cycle(c: _Cycle, model: PEERLM, metrics: dict[str, Any], matrix: LossMatrix, counts: dict[str, torch.Tensor],
                blocks: np.ndarray) -> None:
     """TensorBoard figures (the loss matrix as an image too) and a sample. The version is
     committed: a failure here must not fail the cycle."""
@@ -277,7 +282,6 @@ def _log_cycle(c: _Cycle, model: PEERLM, version: int, metrics: dict[str, Any], 
         return
     try:
         sample = sample_text(model, blocks[0, :16].tolist(), 96, seed=c.cfg.seed)
-        matrix = loss_matrix(list(reversed(c.store.log(c.parent.id))) + [SimpleNamespace(id=version, metrics=metrics)])
         c.monitor.cycle(c.id, metrics, model, usage_counts=counts, sample=sample, matrix=matrix)
     except Exception as exc:  # noqa: BLE001
         c.log(f"warning: TensorBoard logging of cycle {c.id} failed: {exc}")

@@ -11,20 +11,8 @@ import shutil
 
 import pytest
 import torch
-from cycle_testlib import (  # noqa: F401 (fixtures)
-    BUDGET,
-    GROW,
-    after_a,
-    base,
-    cfg,
-    chain,
-    cycle,
-    cycle_rows,
-    experts_by_layer,
-    make_store,
-    old_tables_equal,
-    registry,
-)
+from cycle_testlib import GROW, cfg, cycle, cycle_rows, experts_by_layer, old_tables_equal
+from cycle_testlib import base, chain, after_a  # noqa: F401 (fixtures, requested by name)
 
 from expert_store import ExpertStore
 from lifelong.checkpoint import checkout_model, commit_model
@@ -42,6 +30,10 @@ def test_cycle_commits_a_version_with_cursor_metrics_and_growth(chain, tiny_conf
     assert set(v.metrics["losses"]) == {"a"} and v.metrics["losses"]["a"] > 0
     for s, r in results.items():  # every version: one loss-matrix row over every stream seen
         assert list(store.version(r.version).metrics["losses"]) == list("abc"[: "abc".index(s) + 1])
+    for s, r in results.items():  # the parent's loss on each new stream, before its cycle: forward transfer
+        m = store.version(r.version).metrics
+        assert m["loss_before"] > 0 and m["forward_transfer"] == pytest.approx(m["baseline_loss"] - (
+            sum(store.version(results[x].version).metrics["loss_before"] for x in "abc"[: "abc".index(s) + 1]) / ("abc".index(s) + 1)))
     b = store.version(results["b"].version)  # the first growth: the second cycle
     assert b.parent == v.id and b.metrics["policy"] == "freeze-experts" and b.metrics["grown_rows"] == GROW
     assert experts_by_layer(b) == {k: n + GROW * tiny_config().peer.n_cols for k, n in experts_by_layer(v).items()}

@@ -12,20 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-from cycle_testlib import (  # noqa: F401 (fixtures)
-    BUDGET,
-    GROW,
-    after_a,
-    base,
-    cfg,
-    chain,
-    cycle,
-    cycle_rows,
-    experts_by_layer,
-    make_store,
-    old_tables_equal,
-    registry,
-)
+from cycle_testlib import BUDGET, cycle, cycle_rows, registry
+from cycle_testlib import base, chain  # noqa: F401 (fixtures, requested by name)
 
 from expert_store import ExpertStore
 from lifelong.cycle import NothingPendingError
