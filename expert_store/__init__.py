@@ -20,14 +20,18 @@ from .errors import (
     BudgetExceededError,
     ConflictError,
     CorruptObjectError,
+    DatabaseUnreachableError,
     InvalidCommitError,
     MissingObjectError,
     NotAStoreError,
+    OversizedValueError,
     ReadOnlyStoreError,
     RefError,
     SchemaVersionError,
     StoreError,
     StoreExistsError,
+    StoreNotSharedError,
+    StoreWriteError,
     UnknownShardError,
     UnknownVersionError,
 )
@@ -45,6 +49,7 @@ from .records import (
 )
 from .residency import Checkout, Residency
 from .schema import SCHEMA_VERSION
+from .sharing import check_share_marker, write_share_marker
 from .store import ExpertStore
 
 __all__ = [
@@ -78,4 +83,10 @@ __all__ = [
     "CorruptObjectError",
     "MissingObjectError",
     "BudgetExceededError",
+    "DatabaseUnreachableError",
+    "StoreNotSharedError",
+    "StoreWriteError",
+    "OversizedValueError",
+    "check_share_marker",
+    "write_share_marker",
 ]

@@ -12,6 +12,7 @@ __all__ = [
     "StoreExistsError",
     "SchemaVersionError",
     "ReadOnlyStoreError",
+    "StoreWriteError",
     "UnknownVersionError",
     "UnknownShardError",
     "InvalidCommitError",
@@ -20,6 +21,8 @@ __all__ = [
     "CorruptObjectError",
     "MissingObjectError",
     "BudgetExceededError",
+    "DatabaseUnreachableError",
+    "StoreNotSharedError",
 ]
 
 
@@ -41,6 +44,25 @@ class SchemaVersionError(StoreError):
 
 class ReadOnlyStoreError(StoreError):
     """The store directory or database cannot be written; nothing was changed."""
+
+
+class StoreWriteError(StoreError):
+    """A write failed (disk full, an I/O error, the database refused it); nothing half-done
+    is visible. The message says what failed and what it left, in one line: "disk full
+    while writing object 3fa2c1… into /s/objects (No space left on device); nothing was
+    committed". ``errno`` is the OS error number when there is one.
+    """
+
+    def __init__(self, message: str, *, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+    def with_outcome(self, outcome: str) -> StoreWriteError:
+        """This error with ``; outcome`` appended (once)."""
+        text = str(self)
+        if text.endswith(outcome):
+            return self
+        return StoreWriteError(f"{text}; {outcome}", errno=self.errno)
 
 
 class UnknownVersionError(StoreError, LookupError):
@@ -99,3 +121,17 @@ class BudgetExceededError(StoreError):
         self.needed = needed
         self.resident = resident
         self.budget = budget
+
+
+class DatabaseUnreachableError(StoreError):
+    """The store's database server cannot be reached (refused, unknown host, bad login)."""
+
+
+class StoreNotSharedError(StoreError):
+    """The store directory is not the same directory on every host (see :mod:`.sharing`)."""
+
+
+class OversizedValueError(StoreError, ValueError):
+    """A JSON value (a version's metrics, config or cursors; any JSON column on the store's
+    database) is larger than the store accepts: refused before it is parsed, or, at commit,
+    before anything is written."""

@@ -15,23 +15,22 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine
-from sqlalchemy.exc import OperationalError
 
 from .errors import NotAStoreError, ReadOnlyStoreError, StoreError, StoreExistsError
+from .ioerrors import read_only_guard, write_guard
 from .migrate import read_old_schema, upgrade
-from .objects import atomic_write, is_read_only_error
-from .schema import SCHEMA_VERSION, check_schema, create_schema, make_engine, read_meta
+from .objects import TEMP_MARKER, atomic_write, is_read_only_error
+from .schema import SCHEMA_VERSION, check_reachable, check_schema, create_schema, make_engine, read_meta
 from .validation import check_json
 
-__all__ = ["MARKER", "FORMAT", "DB_FILE", "OBJECTS_DIR", "Connected", "create", "connect",
-           "read_only_guard"]
+__all__ = ["MARKER", "FORMAT", "DB_FILE", "OBJECTS_DIR", "PROBE_PREFIX", "Connected", "create", "connect",
+           "read_only_guard", "stale_probes"]
 
 MARKER = "store.json"
 FORMAT = "expert_store"
@@ -58,27 +57,45 @@ def create(path: Path, config: dict[str, Any] | None, url: str | None) -> Connec
         raise StoreExistsError(f"{path} already holds an expert store; open it instead")
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise StoreExistsError(f"{path} exists and is not an empty directory; refusing to init a store there")
-    try:
-        (path / OBJECTS_DIR).mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        if not is_read_only_error(exc):
-            raise
-        raise ReadOnlyStoreError(f"cannot create a store at {path}: {exc.strerror}") from exc
+    made_dir = not path.exists()
     engine = make_engine(url or f"sqlite:///{path / DB_FILE}")
-    try:
-        read_meta(engine)
-    except NotAStoreError:
-        pass
-    else:
-        engine.dispose()
-        raise StoreExistsError(f"database {engine.url!r} already holds an expert store")
-    store_id = uuid.uuid4().hex
-    with read_only_guard(path):
-        create_schema(engine, store_id, config)
     database = "default" if url is None else "url"
-    marker = {"format": FORMAT, "store_id": store_id, "database": database}
-    atomic_write(path / MARKER, json.dumps(marker, indent=2).encode() + b"\n")
+    try:
+        check_reachable(engine)  # before anything is created: a retry finds the directory empty
+        with write_guard(f"creating a store at {path}", "no store was created", path):
+            (path / OBJECTS_DIR).mkdir(parents=True, exist_ok=True)
+            try:
+                found = read_meta(engine)
+            except NotAStoreError:
+                found = {}
+            if found.get("store_id"):  # tables without rows: an init that failed half-way
+                raise StoreExistsError(f"database {engine.url!r} already holds an expert store")
+            store_id = uuid.uuid4().hex
+            create_schema(engine, store_id, config)
+            marker = {"format": FORMAT, "store_id": store_id, "database": database}
+            atomic_write(path / MARKER, json.dumps(marker, indent=2).encode() + b"\n")
+    except BaseException:
+        engine.dispose()
+        if url is None:
+            _remove_new(path, made_dir)
+        raise
     return Connected(path, engine, config, store_id, False, database)
+
+
+def _remove_new(path: Path, made_dir: bool) -> None:
+    """Undo a failed :func:`create` of a default (SQLite) store, as far as the disk allows:
+    the directory was absent or empty, so all it holds now is what create made."""
+    for name in (DB_FILE, f"{DB_FILE}-wal", f"{DB_FILE}-shm", f"{DB_FILE}-journal"):
+        with suppress(OSError):
+            (path / name).unlink(missing_ok=True)
+    with suppress(OSError):
+        for temp in path.glob(f".{MARKER}{TEMP_MARKER}*"):
+            temp.unlink()
+    with suppress(OSError):
+        (path / OBJECTS_DIR).rmdir()
+    if made_dir:
+        with suppress(OSError):
+            path.rmdir()
 
 
 def _read_marker(path: Path) -> dict[str, Any]:
@@ -101,17 +118,19 @@ def connect(path: Path, url: str | None, read_only: bool) -> Connected:
         raise NotAStoreError(f"the store at {path} keeps its database elsewhere: pass its url")
     if url is None and not (path / DB_FILE).is_file():
         raise NotAStoreError(f"{path} has a {MARKER} but no {DB_FILE}; the store's database is missing")
-    if url is None and not read_only and not _writable(path):
-        read_only = True
+    if url is None and not read_only:
+        with write_guard(f"checking that {path} can be written", "nothing was changed", path):
+            read_only = not _writable(path)
     if url is None and read_only:
         # mode=ro never writes. On a read-only directory without WAL side files (the
         # last writer closed cleanly) SQLite can only open the file as immutable.
         db = path / DB_FILE
         side_files = Path(f"{db}-wal").exists() and Path(f"{db}-shm").exists()
-        immutable = "&immutable=1" if not side_files and not _writable(path) else ""
+        immutable = "&immutable=1" if not side_files and not _writable(path, strict=False) else ""
         url = f"sqlite:///file:{db}?mode=ro{immutable}&uri=true"
     engine = make_engine(url or f"sqlite:///{path / DB_FILE}")
     try:
+        check_reachable(engine)
         meta = read_meta(engine)
         found = check_schema(meta)
         if meta.get("store_id") != marker.get("store_id"):
@@ -144,24 +163,30 @@ def _upgrade_or_read_old(path: Path, engine: Engine, found: int, read_only: bool
     return fresh, read_only
 
 
-def _writable(path: Path) -> bool:
-    """Whether files can be created in ``path`` (honest for root too, unlike ``os.access``)."""
-    probe = path / f".write-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+#: Name prefix of the probe files of :func:`_writable`; ``gc`` removes stale ones.
+PROBE_PREFIX = ".write-probe-"
+
+
+def _writable(path: Path, strict: bool = True) -> bool:
+    """Whether files can be created in ``path`` (honest for root too, unlike ``os.access``).
+
+    False for a read-only place (permissions, read-only filesystem). Any other failure (a
+    full disk, an I/O error) is raised when ``strict``, else counts as writable.
+    """
+    probe = path / f"{PROBE_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-    except OSError:
-        return False
-    probe.unlink(missing_ok=True)
+    except OSError as exc:
+        if is_read_only_error(exc):
+            return False
+        if strict:
+            raise
+        return True
+    with suppress(OSError):  # left behind, it is removed by gc
+        probe.unlink(missing_ok=True)
     return True
 
 
-@contextmanager
-def read_only_guard(path: Path) -> Iterator[None]:
-    """Turn 'cannot write the database' into :class:`ReadOnlyStoreError`."""
-    try:
-        yield
-    except OperationalError as exc:
-        text = str(exc.orig).lower()
-        if "readonly" in text or "read-only" in text or "unable to open" in text:
-            raise ReadOnlyStoreError(f"the store database at {path} cannot be written: {exc.orig}; the store is unchanged") from exc
-        raise
+def stale_probes(path: Path) -> list[Path]:
+    """Probe files of :func:`_writable` left in ``path`` (their removal failed)."""
+    return sorted(path.glob(f"{PROBE_PREFIX}*"))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -159,22 +160,35 @@ def verify(session: Session, objects: ObjectStore) -> list[Problem]:
     return problems + _check_deltas(session, objects, broken)
 
 
+def _old(objects: ObjectStore, path: Path, grace_s: float) -> int | None:
+    """``path``'s size if it was last modified at least ``grace_s`` ago, else None (gone too)."""
+    try:
+        return path.stat().st_size if objects.age(path) >= grace_s else None
+    except FileNotFoundError:
+        return None
+
+
 def gc(session: Session, objects: ObjectStore, *, dry_run: bool, grace_s: float) -> GcResult:
-    """Remove objects no row references and stale temp files, both older than ``grace_s``."""
+    """Remove objects no row references and stale temp files, both older than ``grace_s``.
+
+    The grace is what protects a commit in flight: its objects are written (or, when they
+    exist already, their mtime refreshed) before its rows, so until its transaction ends they
+    are unreferenced but young. Each object's age is read right before it is deleted (not
+    once for all up front), so an old one that a commit reuses while gc runs is spared too."""
     keep = set(referenced_objects(session))
     doomed: list[str] = []
     freed = 0
     for hash in objects.hashes():
-        path = objects.path(hash)
-        if hash in keep or objects.age(path) < grace_s:
+        size = None if hash in keep else _old(objects, objects.path(hash), grace_s)
+        if size is None:
             continue
-        doomed.append(hash)
-        freed += path.stat().st_size
-    temps = [p for p in objects.temp_files() if objects.age(p) >= grace_s]
-    freed += sum(p.stat().st_size for p in temps)
-    if not dry_run:
-        for hash in doomed:
+        if not dry_run:
             objects.delete(hash)
-        for path in temps:
+        doomed.append(hash)
+        freed += size
+    temps = [(p, n) for p in objects.temp_files() if (n := _old(objects, p, grace_s)) is not None]
+    freed += sum(n for _, n in temps)
+    if not dry_run:
+        for path, _ in temps:
             path.unlink(missing_ok=True)
-    return GcResult(objects=doomed, temp_files=temps, bytes=freed, dry_run=dry_run)
+    return GcResult(objects=doomed, temp_files=[p for p, _ in temps], bytes=freed, dry_run=dry_run)

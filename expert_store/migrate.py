@@ -4,7 +4,9 @@ Each step adds what a schema version introduced, with portable ``ALTER TABLE ...
 COLUMN`` statements that skip columns already present, so a step interrupted on a database
 without transactional DDL simply runs again. The steps and the ``schema_version`` bump run
 in one write transaction that first locks the ``meta`` row (``BEGIN IMMEDIATE`` on
-SQLite), so two processes opening an old store at once upgrade it once.
+SQLite, ``SELECT ... FOR UPDATE`` on PostgreSQL, where the DDL is transactional too), so
+two processes (or hosts) opening an old store at once upgrade it once: the second reads the
+new version once the first commits, and runs no step.
 
 A store opened read-only cannot be upgraded. On SQLite it is read through per-connection
 temporary views that add the new columns with their defaults (nothing in the file

@@ -7,6 +7,14 @@ directory, fsync, ``os.replace``, fsync of the directory) and made read-only; wr
 object that already exists is skipped. Only safetensors bytes are ever read back — no
 pickle.
 
+Reading is defensive: an object name must be a sha256 hex digest (a row cannot point
+outside ``objects/``), an object or its fan-out directory that is a symbolic link or not a
+regular file (a FIFO) is refused, and a header is checked in full before any tensor is
+made — its length against the file, every tensor's dtype, shape and byte range, ranges that
+overlap, leave gaps or run past the end — so a hostile file cannot cause a huge
+allocation. A failed write becomes :class:`~expert_store.errors.StoreWriteError` ("disk
+full while writing object …") or :class:`~expert_store.errors.ReadOnlyStoreError`.
+
 Tensors are serialised here (not with ``safetensors.torch.save``) so that the bytes can be
 hashed and written straight from the tensors' memory, without a second in-memory copy of a
 multi-gigabyte shard; the layout is the one ``safetensors`` itself writes, so any
@@ -18,10 +26,14 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import os
+import re
 import secrets
+import stat
 import struct
 import time
+from contextlib import suppress
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -32,7 +44,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from .errors import CorruptObjectError, MissingObjectError, ReadOnlyStoreError
+from .errors import CorruptObjectError, MissingObjectError
+from .ioerrors import is_read_only_error, os_error
 
 __all__ = [
     "atomic_write",
@@ -44,6 +57,8 @@ __all__ = [
     "run_writes",
     "TensorSpec",
     "TEMP_MARKER",
+    "MAX_HEADER_BYTES",
+    "is_object_name",
 ]
 
 #: Substring that marks temp files of :func:`atomic_write`; ``gc`` removes stale ones.
@@ -81,12 +96,15 @@ WRITERS = 2
 K = TypeVar("K")
 T = TypeVar("T")
 
-_READ_ONLY_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS}
+#: Longest safetensors header read (safetensors' own limit): a longer one is refused unread.
+MAX_HEADER_BYTES = 100 * 2**20
+
+_NAME = re.compile(r"[0-9a-f]{64}")
 
 
-def is_read_only_error(exc: OSError) -> bool:
-    """Whether an OS error means "this place cannot be written" (permissions, read-only fs)."""
-    return exc.errno in _READ_ONLY_ERRNOS
+def is_object_name(name: str) -> bool:
+    """Whether ``name`` can name an object: 64 lowercase hex digits (a sha256)."""
+    return isinstance(name, str) and _NAME.fullmatch(name) is not None
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -105,7 +123,8 @@ def atomic_write(path: str | os.PathLike[str], data: WriteData, *, mode: int | N
     it is given. The bytes go to a temp file in the same directory, which is flushed and
     fsynced, optionally ``chmod``-ed to ``mode``, moved over ``path`` with ``os.replace``,
     and the directory is fsynced so the rename survives a crash. On any error the temp
-    file is removed and the error propagates; ``path`` is untouched.
+    file is removed (as far as the disk lets it: ``gc`` removes what is left) and the
+    error propagates; ``path`` is untouched.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}{TEMP_MARKER}{os.getpid()}-{secrets.token_hex(4)}")
@@ -121,7 +140,8 @@ def atomic_write(path: str | os.PathLike[str], data: WriteData, *, mode: int | N
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        with suppress(OSError):  # the write's own error is the one to report
+            tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
 
@@ -193,14 +213,30 @@ class ObjectStore:
         self.root = Path(root)
 
     def path(self, hash: str) -> Path:
-        """Where the object named ``hash`` lives."""
+        """Where the object named ``hash`` lives; :class:`CorruptObjectError` for a name that
+        is not a sha256 hex digest (a damaged row must not lead outside ``objects/``)."""
+        if not is_object_name(hash):
+            raise CorruptObjectError(
+                f"object name {str(hash)[:80]!r} is not a sha256 hex digest; refusing to look for it "
+                f"outside {self.root}", hash=str(hash),
+            )
         return self.root / hash[:2] / hash[2:]
 
     def exists(self, hash: str) -> bool:
-        return self.path(hash).is_file()
+        """Whether the object is present as a regular file (a symlink or FIFO is not an object)."""
+        if not is_object_name(hash):
+            return False
+        try:
+            return stat.S_ISREG(os.lstat(self.path(hash)).st_mode)
+        except OSError:
+            return False
 
     def put(self, tensors: Mapping[str, torch.Tensor]) -> ObjectInfo:
-        """Store ``tensors`` as one object; skip the write when it already exists."""
+        """Store ``tensors`` as one object; skip the write when it already exists.
+
+        A failed write raises :class:`StoreWriteError` ("disk full while writing object …")
+        or :class:`ReadOnlyStoreError`; the object is then absent or complete, never partial.
+        """
         header, chunks = serialize_tensors(tensors)
         digest = hashlib.sha256(header)
         for chunk in chunks:
@@ -210,7 +246,7 @@ class ObjectStore:
         size = len(header) + payload
         target = self.path(name)
         try:
-            if target.is_file():
+            if self.exists(name):
                 # Refresh mtime: a concurrent gc spares recently touched unreachable objects.
                 os.utime(target)
                 return ObjectInfo(name, size, payload, written=False)
@@ -223,23 +259,41 @@ class ObjectStore:
                 for chunk in chunks:
                     f.write(chunk)
 
-            atomic_write(target, write, mode=0o444)
+            atomic_write(target, write, mode=0o444)  # replaces a symlink or FIFO squatting the name
         except OSError as exc:
-            if is_read_only_error(exc):
-                raise ReadOnlyStoreError(
-                    f"cannot write object into {self.root}: {exc.strerror}; the store is unchanged"
-                ) from exc
-            raise
+            raise os_error(exc, f"writing object {name[:12]}… into {self.root}") from exc
         return ObjectInfo(name, size, payload, written=True)
+
+    def _open(self, hash: str) -> BinaryIO:
+        """The object's file opened for reading, refusing a symbolic link (of the file or its
+        fan-out directory) and anything that is not a regular file."""
+        path = self.path(hash)
+        try:
+            if stat.S_ISLNK(os.lstat(path.parent).st_mode):
+                raise CorruptObjectError(
+                    f"object {hash}: directory {path.parent} is a symbolic link; refusing to follow it out of the store",
+                    hash=hash)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError as exc:
+            raise MissingObjectError(f"object {hash} is missing ({path})", hash=hash) from exc
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise CorruptObjectError(
+                    f"object {hash} is a symbolic link ({path} -> {os.readlink(path)}); refusing to follow it out "
+                    "of the store", hash=hash) from exc
+            raise CorruptObjectError(f"object {hash} cannot be opened ({path}): {exc.strerror}", hash=hash) from exc
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            os.close(fd)
+            kind = "FIFO" if stat.S_ISFIFO(mode) else "directory" if stat.S_ISDIR(mode) else "special file"
+            raise CorruptObjectError(f"object {hash} is a {kind}, not a regular file ({path}); refusing to read it",
+                                     hash=hash)
+        return os.fdopen(fd, "rb")
 
     def rehash(self, hash: str) -> str:
         """sha256 of the object's file as it is on disk now."""
-        path = self.path(hash)
-        try:
-            with open(path, "rb") as f:
-                return hashlib.file_digest(f, "sha256").hexdigest()
-        except FileNotFoundError as exc:
-            raise MissingObjectError(f"object {hash} is missing ({path})", hash=hash) from exc
+        with self._open(hash) as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
 
     def check(self, hash: str) -> None:
         """Raise :class:`CorruptObjectError` unless the object's bytes hash to its name."""
@@ -252,12 +306,14 @@ class ObjectStore:
     def load(self, hash: str, device: str | torch.device = "cpu", verify: bool = True,
              names: list[str] | None = None) -> dict[str, torch.Tensor]:
         """The tensors of an object (only ``names`` when given) on ``device``; re-hash
-        first when ``verify``."""
+        first when ``verify``. The header is checked in full first (see :meth:`header`)."""
         if verify:
             self.check(hash)
+        specs = self.header(hash)
+        if names is not None and not set(names) <= specs.keys():
+            unknown = ", ".join(repr(n) for n in sorted(set(names) - specs.keys()))
+            raise CorruptObjectError(f"object {hash} has no tensor {unknown}", hash=hash)
         path = self.path(hash)
-        if not path.is_file():
-            raise MissingObjectError(f"object {hash} is missing ({path})", hash=hash)
         try:
             if names is None:
                 return load_file(path, device=str(device))
@@ -267,33 +323,28 @@ class ObjectStore:
             raise CorruptObjectError(f"object {hash} cannot be parsed: {exc}", hash=hash) from exc
 
     def header(self, hash: str) -> dict[str, TensorSpec]:
-        """Dtype and shape of each tensor of an object, from its header alone (not verified)."""
-        path = self.path(hash)
-        try:
-            with open(path, "rb") as f:
-                (length,) = struct.unpack("<Q", f.read(8))
-                if length > 100 * 2**20:
-                    raise ValueError(f"header length {length} is implausible")
-                raw = json.loads(f.read(length))
-            return {
-                name: (_BY_NAME[entry["dtype"]], tuple(int(n) for n in entry["shape"]))
-                for name, entry in raw.items()
-                if name != "__metadata__"
-            }
-        except FileNotFoundError as exc:
-            raise MissingObjectError(f"object {hash} is missing ({path})", hash=hash) from exc
-        except (struct.error, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise CorruptObjectError(f"object {hash} has an unreadable header: {exc!r}", hash=hash) from exc
+        """Dtype and shape of each tensor of an object, from its header alone (not re-hashed).
+
+        The whole header is checked against the file (see :func:`parse_header`); a header
+        that claims more than the file holds, overlapping tensors or an unknown dtype raise
+        :class:`CorruptObjectError`.
+        """
+        with self._open(hash) as f:
+            size = os.fstat(f.fileno()).st_size
+            try:
+                return {name: (dtype, shape) for name, (dtype, shape, _) in parse_header(f, size).items()}
+            except ValueError as exc:
+                raise CorruptObjectError(f"object {hash} has an invalid header: {exc}", hash=hash) from exc
 
     def hashes(self) -> Iterator[str]:
-        """Names of all objects present on disk."""
+        """Names of all objects present on disk (entries named like objects only)."""
         if not self.root.is_dir():
             return
         for sub in sorted(self.root.iterdir()):
             if not sub.is_dir() or len(sub.name) != 2:
                 continue
             for entry in sorted(sub.iterdir()):
-                if TEMP_MARKER not in entry.name and entry.is_file():
+                if is_object_name(sub.name + entry.name) and (entry.is_file() or entry.is_symlink()):
                     yield sub.name + entry.name
 
     def temp_files(self) -> Iterator[Path]:
@@ -303,8 +354,71 @@ class ObjectStore:
 
     def age(self, path: Path) -> float:
         """Seconds since ``path`` was last modified."""
-        return time.time() - path.stat().st_mtime
+        return time.time() - path.lstat().st_mtime
 
     def delete(self, hash: str) -> None:
         """Remove an object (``gc`` only)."""
         self.path(hash).unlink(missing_ok=True)
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    raise AssertionError("unreachable")
+
+
+def parse_header(f: BinaryIO, size: int) -> dict[str, tuple[torch.dtype, tuple[int, ...], tuple[int, int]]]:
+    """Name -> (dtype, shape, (start, end) in the data) of a safetensors file of ``size``
+    bytes open at its start; ``ValueError`` saying what is wrong unless the header is sound.
+
+    Sound: the 8-byte length fits the file and :data:`MAX_HEADER_BYTES`; the JSON is an
+    object of tensors, each with a known dtype, a shape of non-negative ints and a byte range
+    whose length is exactly the shape's; the ranges, in order, tile the data from its first
+    byte to the end of the file (no overlap, no gap, nothing past the end). Nothing is
+    allocated beyond the header itself.
+    """
+    if size < 8:
+        raise ValueError(f"the file holds {size} bytes, too few for a header length")
+    (length,) = struct.unpack("<Q", f.read(8))
+    if length > min(MAX_HEADER_BYTES, size - 8):
+        raise ValueError(f"it claims a {_bytes(length)} header in a file of {_bytes(size)}")
+    try:
+        raw = json.loads(f.read(length))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"the header is not JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ValueError("the header is not a JSON object")
+    data = size - 8 - length
+    out: dict[str, tuple[torch.dtype, tuple[int, ...], tuple[int, int]]] = {}
+    for name, entry in raw.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(entry, dict) or entry.get("dtype") not in _BY_NAME:
+            dtype = entry.get("dtype") if isinstance(entry, dict) else entry
+            raise ValueError(f"tensor {name!r} has an unknown dtype {str(dtype)[:40]!r}")
+        dtype = _BY_NAME[entry["dtype"]]
+        shape, offsets = entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
+            raise ValueError(f"tensor {name!r} has an invalid shape {str(shape)[:80]}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(n) is int for n in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise ValueError(f"tensor {name!r} has invalid data offsets {str(offsets)[:80]}")
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if nbytes != offsets[1] - offsets[0]:
+            raise ValueError(f"tensor {name!r} claims shape {shape} ({_bytes(nbytes)} of {entry['dtype']}) "
+                             f"but a byte range of {_bytes(offsets[1] - offsets[0])}")
+        if offsets[1] > data:
+            raise ValueError(f"tensor {name!r} claims bytes {offsets[0]}..{offsets[1]} of data, but the file "
+                             f"holds {_bytes(data)} of data")
+        out[name] = (dtype, tuple(shape), (offsets[0], offsets[1]))
+    end = 0
+    for name, (_, _, (start, stop)) in sorted(out.items(), key=lambda item: item[1][2]):
+        if start != end:
+            what = "overlaps the tensor before it" if start < end else f"leaves a gap of {start - end} bytes"
+            raise ValueError(f"tensor {name!r} (bytes {start}..{stop}) {what}")
+        end = stop
+    if end != data:
+        raise ValueError(f"the tensors cover {_bytes(end)} but the file holds {_bytes(data)} of data")
+    return out

@@ -174,8 +174,9 @@ class GcResult:
 
 
 def _utc(value: datetime) -> datetime:
-    """Datetimes come back naive from SQLite; they were written in UTC."""
-    return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
+    """In UTC: SQLite returns them naive (they were written in UTC), PostgreSQL in the
+    session's time zone."""
+    return value.astimezone(timezone.utc) if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
 
 
 def shard_info(row: Shard) -> ShardInfo:

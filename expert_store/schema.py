@@ -1,9 +1,14 @@
 """SQLAlchemy 2 ORM tables of the expert store, engine setup and the schema-version check.
 
-Portable SQL only (SQLite by default, any SQLAlchemy URL works). On SQLite the engine is
-put in WAL mode with a busy timeout so several processes can read while one writes, and
-write transactions start with ``BEGIN IMMEDIATE`` so two writers queue instead of failing
-late with a snapshot error.
+Portable SQL only (SQLite by default, any SQLAlchemy URL works; tested on SQLite and
+PostgreSQL). On SQLite the engine is put in WAL mode with a busy timeout so several
+processes can read while one writes, and write transactions start with ``BEGIN IMMEDIATE``
+so two writers queue instead of failing late with a snapshot error. On a database server
+(PostgreSQL) connections time out instead of hanging on an unreachable host, pooled ones are
+pinged before use (a restarted server), :func:`check_reachable` turns a server that cannot
+be reached into one line, and JSON values are written as strict JSON: a NaN or infinite
+float (a metric that was not measured) is written as null, which the server's JSON type
+accepts (SQLite keeps Python's ``NaN``; readers treat both as missing).
 
 Other packages create their own tables on the same engine with their own ``MetaData``;
 this module's tables live in :data:`Base.metadata` only.
@@ -12,6 +17,7 @@ this module's tables live in :data:`Base.metadata` only.
 from __future__ import annotations
 
 import json
+import math
 from datetime import datetime, timezone
 from typing import Any
 
@@ -28,12 +34,13 @@ from sqlalchemy import (
     create_engine,
     event,
     inspect,
+    make_url,
     select,
 )
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
-from .errors import NotAStoreError, SchemaVersionError
+from .errors import DatabaseUnreachableError, NotAStoreError, SchemaVersionError
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -45,6 +52,7 @@ __all__ = [
     "Ref",
     "Reflog",
     "make_engine",
+    "check_reachable",
     "create_schema",
     "check_schema",
     "utcnow",
@@ -59,6 +67,7 @@ SCHEMA_VERSION = 2
 WRITE = "expert_store_write"
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+SERVER_CONNECT_TIMEOUT_S = 10  # PostgreSQL: give up on an unreachable host after this
 
 
 def utcnow() -> datetime:
@@ -175,11 +184,69 @@ def _configure_sqlite(engine: Engine) -> None:
 
 
 def make_engine(url: str) -> Engine:
-    """An engine for ``url``; SQLite gets WAL, busy timeout and immediate write locks."""
-    engine = create_engine(url)
+    """An engine for ``url``; SQLite gets WAL, busy timeout and immediate write locks, a
+    server gets a connect timeout and pre-ping. :class:`DatabaseUnreachableError` for a URL
+    that cannot be parsed or whose driver is not installed."""
+    try:
+        parsed = make_url(url)
+        if parsed.get_backend_name() == "sqlite":
+            engine = create_engine(parsed)
+            _configure_sqlite(engine)
+            return engine
+        connect_args: dict[str, Any] = {}
+        if parsed.get_backend_name() == "postgresql" and "connect_timeout" not in parsed.query:
+            connect_args["connect_timeout"] = SERVER_CONNECT_TIMEOUT_S
+        return create_engine(parsed, pool_pre_ping=True, connect_args=connect_args, json_serializer=strict_json)
+    except (NoSuchModuleError, ImportError) as exc:  # an unknown dialect, a driver not installed
+        extra = " (pip install 'lifelong[postgresql]')" if "postgres" in str(url) else ""
+        raise DatabaseUnreachableError(f"cannot use database URL {_shown(make_url(url))}: {exc}{extra}") from exc
+    except ArgumentError as exc:
+        raise DatabaseUnreachableError(f"invalid database URL: {exc}") from exc
+
+
+def strict_json(value: Any) -> str:
+    """JSON text without ``NaN``/``Infinity`` (not JSON; PostgreSQL refuses them): null instead."""
+    try:
+        return json.dumps(value, allow_nan=False)
+    except ValueError:
+        return json.dumps(_finite(value), allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _shown(url: Any) -> str:
+    """A URL for messages: no password, no query (connection options)."""
+    return url.set(query={}).render_as_string(hide_password=True)
+
+
+def check_reachable(engine: Engine) -> None:
+    """Raise a one-line :class:`DatabaseUnreachableError` when the database server cannot be
+    reached (refused, unknown host, timeout, unknown database or role). SQLite files are
+    checked where they are opened."""
     if engine.dialect.name == "sqlite":
-        _configure_sqlite(engine)
-    return engine
+        return
+    try:
+        with engine.connect():
+            pass
+    except DBAPIError as exc:
+        raise DatabaseUnreachableError(f"cannot reach database {_shown(engine.url)}: {_reason(exc)}") from exc
+
+
+def _reason(exc: DBAPIError) -> str:
+    """The driver's message in a few words: ``connection refused``, ``database "x" does
+    not exist``."""
+    lines = str(exc.orig).strip().splitlines() or [type(exc.orig).__name__]
+    reason = lines[0].rsplit("failed: ", 1)[-1].strip()
+    reason = reason.removeprefix("FATAL:").strip()
+    return reason[:1].lower() + reason[1:]
 
 
 def create_schema(engine: Engine, store_id: str, config: dict[str, Any]) -> None:

@@ -6,10 +6,15 @@ A commit writes its objects first, then inserts shard and version rows and moves
 (compare-and-swap) in one transaction. A crash before the transaction commits leaves only
 unreachable objects, which :meth:`ExpertStore.gc` removes. Delta shards (changed rows on a
 base shard) are in :mod:`.delta`.
+
+A write that fails (disk full, an I/O error) raises :class:`StoreWriteError` in one line
+saying what failed and what that left ("…; nothing was committed", "…; HEAD was not
+moved"): every write is all or nothing, so the store is at the state before or after.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import getpass
 import os
 import socket
@@ -27,7 +32,8 @@ from sqlalchemy.orm import Session
 from . import delta, layout, maintenance
 from .diff import VersionDiff, diff_versions
 from .errors import CorruptObjectError, ReadOnlyStoreError, UnknownShardError, UnknownVersionError
-from .layout import FORMAT, MARKER, OBJECTS_DIR, read_only_guard
+from .ioerrors import write_guard
+from .layout import FORMAT, MARKER, OBJECTS_DIR, stale_probes
 from .validation import check_json, check_overlaps, check_tensors, dtype_name
 from .objects import ObjectInfo, ObjectStore, run_writes
 from .records import (
@@ -51,6 +57,8 @@ from .schema import WRITE, Ref, Reflog, Shard, Version, VersionShard, utcnow
 __all__ = ["ExpertStore", "MARKER", "FORMAT"]
 
 Spec = Union[int, str]
+
+NOTHING_COMMITTED = "nothing was committed"
 Tensors = dict[str, torch.Tensor]
 
 
@@ -136,10 +144,11 @@ class ExpertStore:
             raise ReadOnlyStoreError(f"the store at {self.path} is open read-only; nothing was changed")
 
     @contextmanager
-    def _write(self) -> Iterator[Session]:
-        """One write transaction (``BEGIN IMMEDIATE`` on SQLite); commit on success."""
+    def _write(self, what: str, outcome: str) -> Iterator[Session]:
+        """One write transaction (``BEGIN IMMEDIATE`` on SQLite); commit on success. A failed
+        write raises :class:`StoreWriteError` "… while ``what`` …; ``outcome``"."""
         self._require_writable()
-        with read_only_guard(self.path), Session(self._writer, expire_on_commit=False) as session:
+        with write_guard(what, outcome, self.path), Session(self._writer, expire_on_commit=False) as session:
             with session.begin():
                 yield session
 
@@ -186,13 +195,14 @@ class ExpertStore:
                 jobs[id(s)] = partial(_put, self.objects, s.tensors)
             elif isinstance(s, DeltaShard):
                 jobs[id(s)] = partial(delta.write, self, s, bases[id(s)])
-        written = run_writes(jobs)  # id(shard) | "dense" | "optimizer" -> (object, compacted)
+        with write_guard(f"writing the objects of a commit into {self.objects.root}", NOTHING_COMMITTED):
+            written = run_writes(jobs)  # id(shard) | "dense" | "optimizer" -> (object, compacted)
         dense_obj = written["dense"][0]
         optimizer_hash = written["optimizer"][0].hash if optimizer else None
 
         now = utcnow()
         who = who or default_who()
-        with self._write() as session:
+        with self._write("recording the version in the store database", NOTHING_COMMITTED) as session:
             if parent is not None and session.get(Version, parent) is None:
                 raise UnknownVersionError(f"parent version {parent} does not exist")
             rows: list[Shard] = []
@@ -301,14 +311,14 @@ class ExpertStore:
 
     def set_ref(self, name: str, version: Spec, expected_old: int | None, *, who: str | None = None, why: str = "set-ref") -> int:
         """Compare-and-swap ref ``name`` from ``expected_old`` (None: must not exist) to ``version``."""
-        with self._write() as session:
+        with self._write(f"moving ref {name!r}", f"ref {name!r} was not moved") as session:
             target = resolve(session, version)
             move_ref(session, name, target, expected=expected_old, who=who or default_who(), why=why)
             return target
 
     def rollback(self, spec: Spec, *, ref: str = HEAD, why: str = "rollback", who: str | None = None) -> int:
         """Move ``ref`` to the version ``spec`` names (older or newer); nothing is deleted."""
-        with self._write() as session:
+        with self._write(f"moving {ref}", f"{ref} was not moved") as session:
             target = resolve(session, spec)
             current = session.get(Ref, ref)
             if current is None:
@@ -318,7 +328,7 @@ class ExpertStore:
 
     def tag(self, name: str, spec: Spec = HEAD, *, who: str | None = None, why: str = "tag") -> int:
         """Create the fixed tag ``name`` at the version ``spec`` names."""
-        with self._write() as session:
+        with self._write(f"creating tag {name!r}", f"no tag {name!r} was made") as session:
             target = resolve(session, spec)
             create_tag(session, name, target, who=who or default_who(), why=why)
             return target
@@ -367,12 +377,23 @@ class ExpertStore:
         """Delete objects no row references and leftover temp files older than ``grace_s``.
 
         The grace period protects objects a concurrent commit has written but not yet
-        recorded; pass ``grace_s=0`` when no commit can be running.
+        recorded; pass ``grace_s=0`` when no commit can be running. Probe files an open of
+        the store could not remove are temp files too. A failed delete raises
+        :class:`StoreWriteError`; what was deleted was unreachable, so running gc again
+        finishes the job.
         """
         if not dry_run:
             self._require_writable()
-        with self._read() as session:
-            return maintenance.gc(session, self.objects, dry_run=dry_run, grace_s=grace_s)
+        with write_guard(f"deleting unreachable files in {self.path}", "no version was changed; run gc again to finish"):
+            with self._read() as session:
+                result = maintenance.gc(session, self.objects, dry_run=dry_run, grace_s=grace_s)
+            probes = [p for p in stale_probes(self.path) if self.objects.age(p) >= grace_s]
+            if not dry_run:
+                for probe in probes:
+                    probe.unlink(missing_ok=True)
+        if probes:
+            result = dataclasses.replace(result, temp_files=result.temp_files + probes)
+        return result
 
 
 def _put(objects: ObjectStore, tensors: Mapping[str, torch.Tensor]) -> tuple[ObjectInfo, bool]:

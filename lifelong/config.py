@@ -207,6 +207,10 @@ class CycleConfig:
                                     "text keeps its experts (growth policies)", action=argparse.BooleanOptionalAction)
     top_t: int = _flag(256, "policy sparse: expert rows trained per batch and layer (top-t by TF-IDF against the "
                        "background usage of earlier streams)", type=positive_int, metavar="N")
+    null_space: bool = _flag(False, "freeze-all: the dense linear maps train too, only in directions earlier streams' "
+                             "inputs do not use (their outputs on old text stay put)", action=argparse.BooleanOptionalAction)
+    null_space_energy: float = _flag(0.99, "share of earlier inputs' energy the null-space updates must not touch",
+                                     type=float, metavar="FRACTION")
     isolation_margin: float = _flag(0.1, "relative margin below an anchor's k-th old score that new rows must stay", type=float,
                                     metavar="FRACTION")
     eval_tokens: int = _flag(32_768, "held-out tokens per stream (a stable prefix)", type=positive_int, metavar="TOKENS")
@@ -229,6 +233,7 @@ class CycleConfig:
         require(self.epochs > 0, "epochs", "must be positive")
         require(self.eval_tokens > 0, "eval_tokens", "must be positive")
         require(self.top_t > 0, "top_t", f"must be a positive integer, got {self.top_t}")
+        require(0.0 < self.null_space_energy <= 1.0, "null_space_energy", f"must be in (0, 1], got {self.null_space_energy}")
         require(self.isolation_margin >= 0, "isolation_margin", f"must be >= 0, got {self.isolation_margin}")
 
 
@@ -269,7 +274,10 @@ def cycle_config(settings: argparse.Namespace | Mapping[str, Any] | None = None,
             raise ConfigError(f"unknown cycle setting(s): {', '.join(unknown)}")
     given = cycle_settings(settings or {})
     data = _read_json(file) if file is not None else {}
-    train = dict(data.pop("train", None) or {})
+    train = data.pop("train", None) or {}
+    if not isinstance(train, Mapping):
+        raise ConfigError(f"config file {file}: 'train' must be a JSON object, got {type(train).__name__}")
+    train = dict(train)
     for name, value in given.items():
         (train if _settings_fields()[name][0] is TrainConfig else data)[name] = value
     return config_from_dict(CycleConfig, {**data, "train": train})
@@ -296,10 +304,27 @@ def config_from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
     return cls(**kwargs)
 
 
+MAX_CONFIG_BYTES = 1 << 24  # a config file is a few hundred bytes; /dev/zero never ends
+
+
 def _read_json(path: str | Path) -> dict[str, Any]:
+    """The JSON object in the file at ``path``; any problem (unreadable, too large, not
+    UTF-8, not JSON, nested too deeply, an integer of thousands of digits, not an object)
+    is a :class:`ConfigError` naming the file."""
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path} is larger than {MAX_CONFIG_BYTES >> 20} MiB: not a config file")
+    try:
+        data = json.loads(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    except RecursionError as exc:
+        raise ConfigError(f"cannot read config file {path}: JSON nested too deeply") from exc
+    except ValueError as exc:  # malformed JSON, or an integer of more than 4300 digits
         raise ConfigError(f"cannot read config file {path}: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a JSON object")

@@ -17,12 +17,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
 
-from expert_store import ExpertStore, VersionInfo
+from expert_store import ConflictError, ExpertStore, VersionInfo
 from streams import StreamRegistry, pack_blocks
 
 from .checkpoint import checkout_model, commit_model
@@ -31,13 +31,19 @@ from .errors import LifelongError
 from .evaluate import (LossMatrix, continual_metrics, evaluate_loss, expert_usage, experts_when_trained, heldout_blocks, loss_matrix,
                        routing_retention, stream_order)
 from .growth import Growth, apply_policy, record_anchors, record_background
+from .subspace import record_inputs
 from .model import PEERLM, resolve_device, sample_text
 from .monitor import Monitor
 from .peer import recording
 from .records import Lease, finish_cycle, holder_name, start_cycle
 from .train import TrainResult, mixed_batches, replay_rows, train
 
-__all__ = ["CycleResult", "run_cycle", "NothingPendingError", "CycleInterrupted"]
+if TYPE_CHECKING:
+    from .distributed import Dist
+
+_T = TypeVar("_T")
+
+__all__ = ["CycleResult", "run_cycle", "NothingPendingError", "CycleInterrupted", "HeadMovedError"]
 
 
 class NothingPendingError(LifelongError):
@@ -48,6 +54,15 @@ class NothingPendingError(LifelongError):
 
 class CycleInterrupted(LifelongError):
     """A stop was requested (SIGTERM/SIGINT) before the commit: no version was written."""
+
+
+class HeadMovedError(LifelongError):
+    """HEAD moved while the cycle ran (a rollback): its compare-and-swap lost, so its version
+    was kept as the ref :attr:`ref` instead, and HEAD (with the stream's cursor) stayed put."""
+
+    def __init__(self, message: str, *, cycle_id: int, version: int, ref: str, head: int | None):
+        super().__init__(message)
+        self.cycle_id, self.version, self.ref, self.head = cycle_id, version, ref, head
 
 
 @dataclass
@@ -81,6 +96,7 @@ class _Cycle:
     monitor: Monitor | None
     progress: bool
     log: Callable[[str], None]
+    dist: Dist | None = None  # several processes (lifelong.distributed); None: this one alone
 
 
 def run_cycle(
@@ -96,41 +112,49 @@ def run_cycle(
     wait_s: float = 0.0,
     holder: str | None = None,
     log: Callable[[str], None] = print,
+    dist: Dist | None = None,
 ) -> CycleResult:
-    """Run one growth cycle on ``stream`` and commit its version (HEAD, or a candidate ref)."""
+    """Run one growth cycle on ``stream`` and commit its version (HEAD, or a candidate ref).
+
+    HEAD moved while it ran (a rollback): the version is kept as ``candidate/<cycle id>``, HEAD
+    and the stream's cursor stay, and :class:`HeadMovedError` says how to adopt it.
+
+    ``dist`` (every rank of a ``torchrun`` calls this with its :class:`~lifelong.distributed.Dist`):
+    rank 0 alone takes the lease, ingests, writes the cycle row and commits; every rank
+    trains on its share of each batch and evaluates its share of the held-out data."""
     cfg = cfg or CycleConfig()
     t_start = time.perf_counter()
     registry.get(stream)  # unknown stream: clear error before anything else
     holder = holder or holder_name()
-    with Lease(store.engine, "cycle", holder=holder, wait_s=wait_s) as lease, lease.keep_alive():
-        parent = store.version(_head(store))
-        # ingest: the data after the parent's committed cursor
-        data = registry.ingest(stream, parent.cursors.get(stream), cfg.token_budget)
-        if data.train_docs == 0:
-            raise NothingPendingError(f"stream '{stream}' has nothing pending after version {parent.id} (held-out documents "
-                                      "are never trained on); no version was made")
-        heldout_warning = registry.heldout_warning(stream)
-        if heldout_warning:
-            log(f"warning: {heldout_warning}")
-        if cfg.policy != "full" and not any(v.metrics.get("stream") for v in store.log(parent.id)):
-            log(f"version {parent.id} has never been trained: this cycle trains it in full (policy full: no growth, "
-                f"nothing frozen) instead of {cfg.policy}, which would freeze untrained experts for good")
-            cfg = dataclasses.replace(cfg, policy="full")
-        with _cycle_row(store, stream, cfg, parent.id, holder) as row:
-            c = _Cycle(row.id, store, registry, stream, cfg, parent, resolve_device(device), should_stop, monitor, progress, log)
+    if dist is not None and should_stop is not None:  # a stop on any rank stops every rank at the same point
+        local_stop = should_stop
+        should_stop = lambda: dist.any(local_stop())  # noqa: E731
+    with _lease(store, holder, wait_s, dist) as lease:
+        parent, data, cfg = _on_main(dist, lambda: _prepare(store, registry, stream, cfg, log))  # ingest
+        with _cycle_row(store, stream, cfg, parent.id, holder, dist) as row:
+            c = _Cycle(row.id, store, registry, stream, cfg, parent, resolve_device(device), should_stop, monitor, progress, log, dist)
             model, origin = checkout_model(store, parent.id, device=c.device)
             mc = model.config
+            if dist is not None:  # bad layouts fail here, before any training
+                from .distributed import check_layout
+
+                check_layout(dist.world, cfg.train.batch_size, mc.d_model, dist.expert_parallel)
+                if dist.expert_parallel:
+                    dist.slice_experts(model)
             new_blocks = data.blocks(mc.block_size, seed=cfg.seed).astype(np.int64)
             log(f"cycle {c.id}: stream '{stream}', {data.train_docs} docs / {data.train_token_count} tokens new "
                 f"({len(new_blocks)} blocks), policy {cfg.policy}, parent version {parent.id}")
             held_new = heldout_blocks(registry, stream, mc.block_size, mc.pad_id, cfg.eval_tokens)
-            loss_before = evaluate_loss(model, held_new) if len(held_new) else None  # the parent on the new stream
+            loss_before = _eval_loss(c, model, held_new) if len(held_new) else None  # the parent on the new stream
 
             torch.manual_seed(cfg.seed)
             growth = apply_policy(model, cfg, new_blocks)  # grow
             if cfg.policy in ("freeze-experts", "freeze-all") and cfg.routing_isolation and growth.isolation is None:
                 log(f"cycle {c.id}: version {parent.id} has no query anchors (made before them, or by a dense model): "
                     "growth without routing isolation")
+            if growth.null_space is not None and growth.null_space.unrecorded:
+                log(f"cycle {c.id}: version {parent.id} has no input record for {len(growth.null_space.unrecorded)} linear "
+                    "maps (made before them): those stay frozen instead of training in their null space")
 
             trained = _train(c, model, new_blocks, data.train_token_count, growth)  # train
             if should_stop is not None and should_stop():
@@ -150,6 +174,7 @@ def run_cycle(
             # This stream's queries and expert usage, kept for later cycles (isolation, sparse) with no text.
             metrics["anchors"] = record_anchors(model, new_blocks, seed=cfg.seed)
             metrics["background_batches"] = record_background(model, new_blocks, cfg.train.batch_size)
+            metrics["input_record_tokens"] = record_inputs(model, new_blocks)
 
             worst = max(metrics["forgetting"].values(), default=0.0)
             guard_failed = cfg.max_forgetting is not None and worst > cfg.max_forgetting
@@ -158,20 +183,96 @@ def run_cycle(
                 raise CycleInterrupted(f"cycle {c.id} stopped before its commit; no version was committed")
             if lease.lost is not None:  # another process may run a cycle now: do not commit beside it
                 raise lease.lost
-            version = commit_model(  # commit: the version, the stream's new cursor and the ref move in one transaction
-                store, model, origin=origin, parent=parent.id, ref=ref, metrics=metrics,
-                cursors={**parent.cursors, stream: data.new_cursor}, optimizer=trained.optimizer_state,
-                message=f"cycle {c.id}: {stream} ({cfg.policy}, +{growth.info['grown_rows']} rows/layer)",
-                created_by=f"cycle:{c.id}", run_config={"cycle": config_to_dict(dataclasses.replace(cfg, train=trained.config))},
-            ).version
+            def commit(to: str) -> VersionInfo:  # the version, the stream's new cursor and the ref move in one transaction
+                if dist is not None and not dist.is_main:
+                    return dist.broadcast()  # rank 0 commits; the others never write to the store
+                info = commit_model(
+                    store, model, origin=origin, parent=parent.id, ref=to, metrics=metrics,
+                    cursors={**parent.cursors, stream: data.new_cursor}, optimizer=trained.optimizer_state,
+                    message=f"cycle {c.id}: {stream} ({cfg.policy}, +{growth.info['grown_rows']} rows/layer)",
+                    created_by=f"cycle:{c.id}", run_config={"cycle": config_to_dict(dataclasses.replace(cfg, train=trained.config))},
+                ).version
+                return dist.broadcast(info) if dist is not None else info
+
+            if dist is not None and dist.expert_parallel:
+                dist.gather_experts(model)  # rank 0 writes whole rows: the version checks out at any world size
+            try:
+                version = commit(ref)  # commit
+            except ConflictError:  # HEAD moved meanwhile (a rollback): keep the work beside it, never over it
+                if ref != "HEAD":
+                    raise
+                ref, moved = f"candidate/{c.id}", store.head()
+                version = commit(ref)  # its objects are written already: only the rows are new
+                row.outcome = ("candidate", version.id, {"ref": ref, "reason": f"HEAD moved from {parent.id} to {moved}"})
+                raise _head_moved(store, c.id, parent.id, moved, version.id, ref, stream)
             row.outcome = ("candidate" if guard_failed else "committed", version.id, {"ref": ref})
             if guard_failed:  # guard: HEAD did not move
                 log(f"guard: forgetting {worst:.3f} nats > max_forgetting {cfg.max_forgetting}: version {version.id} kept as "
                     f"'{ref}', HEAD stays at {parent.id} (automatic rollback)")
             matrix.versions[-1] = version.id
             _log_cycle(c, model, metrics, matrix, usage_counts, usage_blocks)
-        registry.clear_staged(stream)
+        if dist is None or dist.is_main:
+            registry.clear_staged(stream)
     return CycleResult(c.id, stream, cfg.policy, version.id, parent.id, ref, metrics, time.perf_counter() - t_start)
+
+
+def _head_moved(store: ExpertStore, cycle_id: int, parent: int, head: int | None, version: int, ref: str, stream: str) -> HeadMovedError:
+    return HeadMovedError(
+        f"HEAD moved from version {parent} to {head} while cycle {cycle_id} ran (a rollback?): its version {version} is kept "
+        f"as '{ref}', HEAD stays at {head} and stream '{stream}' stays pending; adopt it with "
+        f"`lifelong --store {store.path} rollback {ref}`",
+        cycle_id=cycle_id, version=version, ref=ref, head=head,
+    )
+
+
+def _on_main(dist: Dist | None, fn: Callable[[], _T]) -> _T:
+    """``fn()`` here, or (several processes) on rank 0 with its result on every rank."""
+    return fn() if dist is None else dist.on_main(fn)
+
+
+class _NoLease:
+    lost = None
+
+
+@contextmanager
+def _lease(store: ExpertStore, holder: str, wait_s: float, dist: Dist | None) -> Iterator[Lease | _NoLease]:
+    """The cycle lease, kept alive while inside; with several processes rank 0 holds it
+    (and releases it on any exit), the others wait for rank 0 to have it."""
+    if dist is not None and not dist.is_main:
+        dist.on_main(lambda: None)
+        yield _NoLease()
+        return
+    lease = Lease(store.engine, "cycle", holder=holder, wait_s=wait_s)
+    _on_main(dist, lease.acquire)
+    try:
+        with lease.keep_alive():
+            yield lease
+    finally:
+        lease.release()
+
+
+def _prepare(store: ExpertStore, registry: StreamRegistry, stream: str, cfg: CycleConfig,
+             log: Callable[[str], None]) -> tuple[VersionInfo, Any, CycleConfig]:
+    """The parent (HEAD), the data after its cursor, and the policy this cycle can run."""
+    parent = store.version(_head(store))
+    # ingest: the data after the parent's committed cursor
+    data = registry.ingest(stream, parent.cursors.get(stream), cfg.token_budget)
+    if data.train_docs == 0:
+        raise NothingPendingError(f"stream '{stream}' has nothing pending after version {parent.id} (held-out documents "
+                                  "are never trained on); no version was made")
+    heldout_warning = registry.heldout_warning(stream)
+    if heldout_warning:
+        log(f"warning: {heldout_warning}")
+    if cfg.policy != "full" and not any(v.metrics.get("stream") for v in store.log(parent.id)):
+        log(f"version {parent.id} has never been trained: this cycle trains it in full (policy full: no growth, "
+            f"nothing frozen) instead of {cfg.policy}, which would freeze untrained experts for good")
+        cfg = dataclasses.replace(cfg, policy="full")
+    return parent, data, cfg
+
+
+def _eval_loss(c: _Cycle, model: PEERLM, blocks: np.ndarray) -> float:
+    """Held-out loss; split across ranks when there are several."""
+    return evaluate_loss(model, blocks) if c.dist is None else c.dist.evaluate_loss(model, blocks)
 
 
 def _head(store: ExpertStore) -> int:
@@ -188,11 +289,21 @@ class _Row:
 
 
 @contextmanager
-def _cycle_row(store: ExpertStore, stream: str, cfg: CycleConfig, parent: int, holder: str) -> Iterator[_Row]:
-    """The cycle's row in ``lifelong_cycles``: 'running' inside, its outcome on exit."""
-    row = _Row(start_cycle(store.engine, stream=stream, policy=cfg.policy, parent=parent, holder=holder))
+def _cycle_row(store: ExpertStore, stream: str, cfg: CycleConfig, parent: int, holder: str,
+               dist: Dist | None = None) -> Iterator[_Row]:
+    """The cycle's row in ``lifelong_cycles``: 'running' inside, its outcome on exit
+    (written by rank 0 alone when there are several processes)."""
+    row = _Row(_on_main(dist, lambda: start_cycle(store.engine, stream=stream, policy=cfg.policy, parent=parent, holder=holder)))
+    if dist is not None and not dist.is_main:
+        yield row
+        return
     try:
         yield row
+    except HeadMovedError:  # its version was kept as a candidate
+        assert row.outcome is not None
+        status, version, detail = row.outcome
+        finish_cycle(store.engine, row.id, status, version=version, detail=detail)
+        raise
     except BaseException as exc:
         status = "interrupted" if isinstance(exc, (CycleInterrupted, KeyboardInterrupt)) else "failed"
         finish_cycle(store.engine, row.id, status, detail={"error": str(exc)[:2000]})
@@ -239,7 +350,7 @@ def _train(c: _Cycle, model: PEERLM, new_blocks: np.ndarray, new_tokens: int, gr
         progress=c.progress, should_stop=c.should_stop, teacher=teacher, distill_weight=cfg.distill_weight,
         distill_temperature=cfg.distill_temperature,
         optimizer_state=c.store.load_optimizer(c.parent.id, c.device) if c.parent.optimizer_hash else None,
-        after_step=growth.after_step, select_rows=growth.sparse,
+        after_step=growth.after_step, select_rows=growth.sparse, dist=c.dist,
     )
 
 
@@ -258,7 +369,9 @@ def _evaluate(c: _Cycle, model: PEERLM, held_new: np.ndarray, loss_before: float
             losses[s] = None
             continue
         with recording(model.peer_layers(), usage=True) as recs:
-            losses[s] = evaluate_loss(model, blocks)
+            losses[s] = _eval_loss(c, model, blocks)
+        if c.dist is not None:
+            c.dist.sum_recordings(recs)
         then = experts_when_trained(chain, s) if s != c.stream else None
         if then is not None and recs:
             retention[s] = routing_retention({n: r.usage for n, r in recs.items() if r.usage is not None}, then)
@@ -270,7 +383,8 @@ def _evaluate(c: _Cycle, model: PEERLM, held_new: np.ndarray, loss_before: float
     matrix = loss_matrix(chain + [SimpleNamespace(id=-1, metrics=metrics)])
     metrics.update(continual_metrics(matrix))
     counts: dict[str, torch.Tensor] = {}
-    metrics["usage"] = expert_usage(model, usage_blocks, counts=counts)
+    metrics["usage"] = (expert_usage(model, usage_blocks, counts=counts) if c.dist is None
+                        else c.dist.expert_usage(model, usage_blocks, counts=counts))
     return metrics, matrix, counts
 
 
@@ -281,7 +395,8 @@ def _log_cycle(c: _Cycle, model: PEERLM, metrics: dict[str, Any], matrix: LossMa
     if c.monitor is None:
         return
     try:
-        sample = sample_text(model, blocks[0, :16].tolist(), 96, seed=c.cfg.seed)
+        sliced = c.dist is not None and c.dist.expert_parallel  # sampling would need every rank: none
+        sample = None if sliced else sample_text(model, blocks[0, :16].tolist(), 96, seed=c.cfg.seed)
         c.monitor.cycle(c.id, metrics, model, usage_counts=counts, sample=sample, matrix=matrix)
     except Exception as exc:  # noqa: BLE001
         c.log(f"warning: TensorBoard logging of cycle {c.id} failed: {exc}")

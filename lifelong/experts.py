@@ -10,6 +10,10 @@ d_model, ``N`` experts.
 - The expert tables are buffers, not autograd leaves: backward aggregates gradients only for
   the touched rows of the trainable id range and hands them to :class:`ExpertGrads`, which
   :class:`lifelong.optim.RowAdam` applies.
+- Expert parallel (:class:`ExpertMixSliced`): each of P ranks holds columns ``[r*d/P,
+  (r+1)*d/P)`` of ``u`` and ``v`` (the value split of "Memory Layers at Scale"); partial
+  ``u . x`` are all-reduced as (T, S) scalars, each rank mixes its slice of ``v``, the output
+  slices are all-gathered along d. Backward mirrors it; row gradients stay sliced.
 """
 
 from __future__ import annotations
@@ -18,11 +22,15 @@ import math
 import os
 import warnings
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
+import torch.distributed as tdist
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["ExpertMix", "ExpertGrads", "group_rows", "row_sums"]
+__all__ = ["ExpertMix", "ExpertMixSliced", "ExpertSlice", "ExpertGrads", "group_rows", "row_sums"]
 
 _CHUNK_TOKENS = 32  # tokens per gather chunk: (32, S, d) float32 is 4 MiB at S=128, d=256
 
@@ -177,3 +185,111 @@ class ExpertMix(torch.autograd.Function):
             if groups is not None:
                 sink.add(groups[0], row_sums(groups, da, x), row_sums(groups, g * z, dy))  # (R,), (R, d) x2
         return dx, dg, None, None, None, None, None, None
+
+
+@dataclass
+class ExpertSlice:
+    """Columns ``[lo, hi)`` = ``[rank*d/P, (rank+1)*d/P)`` of the expert tables held by this rank."""
+
+    rank: int
+    world: int
+    d_model: int
+    group: Any = None  # None: the default process group
+
+    @property
+    def width(self) -> int:
+        return self.d_model // self.world
+
+    @property
+    def lo(self) -> int:
+        return self.rank * self.width
+
+    @property
+    def hi(self) -> int:
+        return self.lo + self.width
+
+    def take(self, table: Tensor) -> Tensor:
+        """This rank's columns of a full (N, d) table, as its own contiguous tensor."""
+        return table[:, self.lo : self.hi].contiguous()
+
+    def sum_(self, t: Tensor) -> Tensor:
+        tdist.all_reduce(t, group=self.group)
+        return t
+
+    def cat_columns(self, part: Tensor) -> Tensor:
+        """Every rank's (T, d/P) slice side by side: (T, d)."""
+        parts = [torch.empty_like(part) for _ in range(self.world)]
+        tdist.all_gather(parts, part.contiguous(), group=self.group)
+        return torch.cat(parts, dim=1)
+
+    def square_means(self, gu: Tensor, gv: Tensor) -> Tensor:
+        """(R, 2) mean over the whole d of squared row gradients, from this rank's slices."""
+        s = torch.stack([gu.pow(2).sum(1), gv.pow(2).sum(1)], dim=1).float()  # (R, 2)
+        return self.sum_(s) / self.d_model
+
+
+def _gather_tokens(t: Tensor, sl: ExpertSlice) -> tuple[Tensor, list[int]]:
+    """Every rank's tokens (T_r, ...) one after the other: (sum T_r, ...), and the T_r."""
+    n = torch.tensor([t.shape[0]], device=t.device)
+    sizes = [torch.zeros_like(n) for _ in range(sl.world)]
+    tdist.all_gather(sizes, n, group=sl.group)
+    counts = [int(c) for c in sizes]
+    padded = t.new_zeros(max(counts), *t.shape[1:])
+    padded[: t.shape[0]] = t
+    parts = [torch.empty_like(padded) for _ in range(sl.world)]
+    tdist.all_gather(parts, padded, group=sl.group)
+    return torch.cat([p[:c] for p, c in zip(parts, counts)]), counts
+
+
+def _own(t: Tensor, counts: list[int] | None, rank: int) -> Tensor:
+    if counts is None:
+        return t
+    start = sum(counts[:rank])
+    return t[start : start + counts[rank]]
+
+
+class ExpertMixSliced(torch.autograd.Function):
+    """:class:`ExpertMix` with ``u``, ``v`` (N, d/P) this rank's columns of the tables.
+
+    ``sharded``: every rank passes its own tokens, which are gathered first (data and expert
+    parallel together); otherwise every rank passes the same tokens. Returns this rank's
+    tokens' full (T, d) output. Collectives: forward all-reduces (T, S) partial dots and
+    all-gathers (T, d/P) output slices; backward the same for ``v . dy`` and ``dx``. Row
+    gradients handed to ``sink`` are this rank's column slices, over every rank's tokens.
+    """
+
+    @staticmethod
+    def forward(ctx, x, g, ids, u, v, activation: str, sink: ExpertGrads | None, anchor, sl: ExpertSlice,  # type: ignore[override]
+                sharded: bool):
+        counts = None
+        if sharded:
+            x, counts = _gather_tokens(x, sl)  # (T, d) of every rank
+            g, _ = _gather_tokens(g, sl)  # (T, S)
+            ids, _ = _gather_tokens(ids, sl)  # (T, S)
+        xs = x[:, sl.lo : sl.hi].contiguous()  # (T, d/P)
+        a = sl.sum_(_gathered_dot(u, ids, xs))  # (T, S) = u . x, from every rank's partial dot
+        w = g * _act(a, activation)  # (T, S)
+        y = sl.cat_columns(F.embedding_bag(ids, v, mode="sum", per_sample_weights=w))  # (T, d)
+        ctx.save_for_backward(xs, g, ids, a, u, v)
+        ctx.activation, ctx.sink, ctx.sl, ctx.counts = activation, sink, sl, counts
+        return _own(y, counts, sl.rank)
+
+    @staticmethod
+    def backward(ctx, dy):  # type: ignore[override]
+        xs, g, ids, a, u, v = ctx.saved_tensors
+        sl: ExpertSlice = ctx.sl
+        dy = dy.contiguous()
+        if ctx.counts is not None:
+            dy, _ = _gather_tokens(dy, sl)  # (T, d)
+        dys = dy[:, sl.lo : sl.hi].contiguous()  # (T, d/P)
+        z = _act(a, ctx.activation)  # (T, S)
+        b = sl.sum_(_gathered_dot(v, ids, dys))  # (T, S) = v . dy
+        dg = b * z  # (T, S)
+        da = b * g * _act_grad(a, ctx.activation)  # (T, S)
+        dx = sl.cat_columns(F.embedding_bag(ids, u, mode="sum", per_sample_weights=da))  # (T, d)
+        sink: ExpertGrads | None = ctx.sink
+        if sink is not None:
+            groups = group_rows(ids, sink.start)
+            if groups is not None:
+                sink.add(groups[0], row_sums(groups, da, xs), row_sums(groups, g * z, dys))  # (R,), (R, d/P) x2
+        return (_own(dx, ctx.counts, sl.rank), _own(dg, ctx.counts, sl.rank), None, None, None, None, None, None, None, None)

@@ -34,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import faiss
 import numpy as np
 import torch
 from torch import Tensor
@@ -43,6 +44,7 @@ from .errors import ConfigError
 from .evaluate import evaluate_loss
 from .model import PEERLM
 from .peer import PEERLayer, product_key_topk, recording
+from .subspace import NullSpace
 
 __all__ = [
     "Growth", "RoutingIsolation", "SparseSelection", "apply_policy", "init_new_keys", "record_anchors", "record_background",
@@ -57,7 +59,7 @@ MAX_ANCHORS = 16384  # per layer; older anchors are subsampled to stay within it
 def init_new_keys(model: PEERLM, blocks: np.ndarray, rows: int, *, seed: int = 0, max_queries: int = 16384) -> dict[str, torch.Tensor]:
     """Row keys (rows, dk/2) per PEER layer for a growth of ``rows`` rows, from ``blocks``' queries.
 
-    k-means (a few Lloyd steps) on the row halves ``q1`` of the new data's queries; each new
+    Spherical k-means (``faiss.Kmeans``, 10 iterations) on the row halves ``q1`` of the new data's queries; each new
     key points at a cluster centre, scaled to the largest existing row-key norm so that new
     experts win for queries of the new domain without outranking old keys everywhere.
     """
@@ -71,15 +73,12 @@ def init_new_keys(model: PEERLM, blocks: np.ndarray, rows: int, *, seed: int = 0
         half = q.shape[-1] // 2
         q1 = q[..., :half].reshape(-1, half).float().cpu()  # (Q*h, dk/2)
         q1 = q1[torch.randperm(q1.shape[0], generator=g)[:max_queries]]
-        centres = q1[torch.randperm(q1.shape[0], generator=g)[:rows]].clone()  # (rows, dk/2)
-        if centres.shape[0] < rows:  # fewer queries than rows: pad with random directions
-            centres = torch.cat([centres, torch.randn(rows - centres.shape[0], half, generator=g)])
-        for _ in range(10):
-            assign = (q1 @ centres.t()).argmax(1)  # (Q,)
-            for r in range(rows):
-                members = q1[assign == r]
-                if len(members):
-                    centres[r] = members.mean(0)
+        if q1.shape[0] < rows:  # fewer queries than rows: every query, padded with random directions
+            centres = torch.cat([q1, torch.randn(rows - q1.shape[0], half, generator=g)])  # (rows, dk/2)
+        else:  # spherical: the keys are directions, scaled below
+            km = faiss.Kmeans(half, rows, niter=10, seed=seed, spherical=True, min_points_per_centroid=1)
+            km.train(np.ascontiguousarray(q1.numpy(), dtype=np.float32))
+            centres = torch.from_numpy(km.centroids.copy())  # (rows, dk/2)
         scale = layer.all_row_keys().detach().norm(dim=1).max().cpu()
         out[name] = (centres / centres.norm(dim=1, keepdim=True).clamp_min(1e-8) * scale).to(layer.expert_u)
     return out
@@ -195,10 +194,14 @@ class Growth:
     info: dict[str, Any] = field(default_factory=dict)  # recorded in the version's metrics
     isolation: RoutingIsolation | None = None
     sparse: SparseSelection | None = None  # the rows each step may update (policy sparse)
+    null_space: NullSpace | None = None  # dense maps trained in the null space of old inputs
 
     @property
-    def after_step(self) -> Callable[[], int] | None:
-        return self.isolation.project if self.isolation is not None else None
+    def after_step(self) -> Callable[[], object] | None:
+        steps = [f for f in (self.null_space and self.null_space.project, self.isolation and self.isolation.project) if f]
+        if len(steps) > 1:
+            return lambda: [f() for f in steps]
+        return steps[0] if steps else None
 
 
 @torch.no_grad()
@@ -272,9 +275,13 @@ def apply_policy(model: PEERLM, cfg: CycleConfig, new_blocks: np.ndarray) -> Gro
         for layer in layers.values():
             layer.freeze_query(False)
     info: dict[str, Any] = {"grown_rows": cfg.grow_rows, "routing_isolation": isolation is not None}
+    null_space = None
+    if cfg.policy == "freeze-all" and cfg.null_space:
+        null_space = NullSpace.before_training(model, cfg.null_space_energy)
+        info["null_space_ranks"] = null_space.ranks
     if isolation is not None:
         info["isolation_keys_moved_at_growth"] = isolation.project()
-    return Growth(info, isolation)
+    return Growth(info, isolation, null_space=null_space)
 
 
 def _sparse(model: PEERLM, cfg: CycleConfig) -> Growth:

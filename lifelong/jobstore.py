@@ -1,8 +1,9 @@
 """The persistent job table of the scheduler: job settings, triggers, add / list / remove.
 
-Jobs live in an APScheduler ``SQLAlchemyJobStore`` (table ``lifelong_jobs``) on the store's
-own database. Editing them needs no running scheduler: :func:`edit_jobs` opens a scheduler
-that never runs a job. The job functions themselves are in :mod:`lifelong.scheduler`.
+Jobs live in our own APScheduler job store on the store's database, one JSON row per job in
+the table ``lifelong_schedule`` (:mod:`lifelong.jobtable`: never a pickle). Editing them needs
+no running scheduler: :func:`edit_jobs` opens a scheduler that never runs a job. The job
+functions themselves are in :mod:`lifelong.scheduler`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from typing import Any
 
 from apscheduler.job import Job
 from apscheduler.jobstores.base import JobLookupError
-from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from apscheduler.schedulers.base import BaseScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
@@ -28,6 +28,7 @@ from expert_store import ExpertStore
 from .audit_report import DEFAULT_MIN_RECALL
 from .config import cycle_config
 from .errors import ConfigError, LifelongError
+from .jobtable import TABLE, JsonJobStore, forget_legacy_job
 from .records import CycleRow, LeaseRow, create_tables, utcnow
 from .workspace import open_registry
 
@@ -36,7 +37,7 @@ __all__ = [
     "remove_job", "list_jobs", "schedule_status", "crontab_trigger", "job_store", "edit_jobs",
 ]
 
-JOB_TABLE = "lifelong_jobs"
+JOB_TABLE = TABLE
 KINDS = ("poll", "cycle", "audit")
 MISFIRE_GRACE_S = 300  # a run later than this (scheduler down, busy) is skipped, not run late
 
@@ -117,8 +118,8 @@ def _store_ref(store: ExpertStore) -> dict[str, Any]:
     return {"store": str(store.path.resolve()), "url": store.url}
 
 
-def job_store(store: ExpertStore) -> SQLAlchemyJobStore:
-    return SQLAlchemyJobStore(engine=store.engine, tablename=JOB_TABLE)
+def job_store(store: ExpertStore) -> JsonJobStore:
+    return JsonJobStore(store.engine)
 
 
 class _Admin(BaseScheduler):
@@ -176,7 +177,7 @@ def _add(store: ExpertStore, job_id: str, func: str, trigger: Any, kwargs: dict[
             raise ConfigError(f"the misfire grace must be >= 1 s (or None: run however late), got {misfire_grace_s}")
         misfire_grace_s = int(misfire_grace_s)  # APScheduler wants an int
     with edit_jobs(store) as sched:
-        replaced = sched.get_job(job_id) is not None
+        replaced = job_store(store).has_job(job_id)  # a row that cannot be loaded is replaced too
         job = sched.add_job(
             func, trigger, id=job_id, name=name, kwargs=kwargs, replace_existing=True,
             coalesce=True, max_instances=1, misfire_grace_time=misfire_grace_s,
@@ -223,11 +224,15 @@ def add_audit(store: ExpertStore, *, every_s: float | None = None, cron: str | N
 
 
 def remove_job(store: ExpertStore, job_id: str) -> None:
+    """Remove job ``job_id`` (its row is deleted unread, so a row that cannot be loaded goes
+    too), and an earlier release's pickled row of that id."""
+    legacy = forget_legacy_job(store.engine, job_id)
     with edit_jobs(store) as sched:
         try:
             sched.remove_job(job_id)
         except JobLookupError as exc:
-            raise JobNotFoundError(f"no scheduled job '{job_id}'") from exc
+            if not legacy:
+                raise JobNotFoundError(f"no scheduled job '{job_id}'") from exc
 
 
 def list_jobs(store: ExpertStore) -> list[JobInfo]:

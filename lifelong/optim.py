@@ -71,7 +71,7 @@ class RowAdam:
             local = rows - start  # (R,)
             t = steps[local] + 1  # (R,)
             steps[local] = t
-            g2 = torch.stack([gu.pow(2).mean(1), gv.pow(2).mean(1)], dim=1).float()  # (R, 2)
+            g2 = layer.grad_square_means(gu, gv)  # (R, 2)
             m = second[local].mul_(self.beta2).add_(g2, alpha=1.0 - self.beta2)  # (R, 2)
             second[local] = m
             bias = 1.0 - torch.pow(self.beta2, t.to(m.dtype))  # (R,)

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from .config import PEERConfig
 from .errors import ConfigError
-from .experts import ExpertGrads, ExpertMix, group_rows, row_sums
+from .experts import ExpertGrads, ExpertMix, ExpertMixSliced, ExpertSlice, group_rows, row_sums
 
 __all__ = ["PEERLayer", "Shard", "Recording", "recording", "product_key_topk"]
 
@@ -147,6 +147,7 @@ class PEERLayer(nn.Module):
         self.grads = ExpertGrads()
         self.query_frozen = False
         self._recording: Recording | None = None
+        self.expert_slice: ExpertSlice | None = None  # set by slice_experts (expert parallel)
 
     # ----------------------------------------------------------------------------- init
     def _init_keys(self, rows: int, device, dtype) -> Tensor:
@@ -198,6 +199,9 @@ class PEERLayer(nn.Module):
     def queries(self, x: Tensor) -> Tensor:
         """x: (T, d) -> q: (T, h, dk), after the query BatchNorm."""
         c = self.config
+        group = _sharded_group()
+        if group is not None and isinstance(self.query_norm, nn.BatchNorm1d) and self.query_norm.training:
+            return _sync_batch_norm(self.query(x), self.query_norm, group).view(-1, c.heads, c.d_key)  # global batch statistics
         return self.query_norm(self.query(x)).view(-1, c.heads, c.d_key)
 
     def retrieve(self, q: Tensor, candidates: int | None = None) -> tuple[Tensor, Tensor]:
@@ -219,6 +223,11 @@ class PEERLayer(nn.Module):
         train_experts = torch.is_grad_enabled() and self.training and self.trainable_start < self.num_experts
         self.grads.start = self.trainable_start
         anchor = x2.new_empty(0).requires_grad_() if train_experts else None
+        if self.expert_slice is not None:
+            y = ExpertMixSliced.apply(x2.contiguous(), g.reshape(x2.shape[0], -1), ids.reshape(x2.shape[0], -1), self.expert_u,
+                                      self.expert_v, c.activation, self.grads if train_experts else None, anchor,
+                                      self.expert_slice, _sharded_group() is not None)
+            return y.view(shape)
         y = ExpertMix.apply(
             x2.contiguous(),
             g.reshape(x2.shape[0], -1),  # (T, S)
@@ -290,6 +299,8 @@ class PEERLayer(nn.Module):
                 raise ConfigError(f"invalid growth: 'init_keys' must have shape ({rows}, {half}), got {tuple(init_keys.shape)}")
             new_keys = init_keys.to(ref.device, ref.dtype)
         u, v = self._init_experts(rows * self.n_cols, ref.device, ref.dtype)
+        if self.expert_slice is not None:  # drawn whole (the same numbers at any world size), kept sliced
+            u, v = self.expert_slice.take(u), self.expert_slice.take(v)
         self.background = torch.cat([self.background, self.background.new_zeros(rows * self.n_cols)])
         start = self.n_rows
         self.row_keys = nn.Parameter(torch.cat([self.row_keys.detach(), new_keys], dim=0))
@@ -342,7 +353,8 @@ class PEERLayer(nn.Module):
     def load_tables(self, row_keys: Tensor, frozen_rows: int, u: Tensor, v: Tensor, shards: list[Shard]) -> None:
         """Replace the grid (used when checking a version out of the store)."""
         n1 = row_keys.shape[0]
-        if u.shape != (n1 * self.n_cols, self.config.d_model) or v.shape != u.shape:
+        width = self.config.d_model if self.expert_slice is None else self.expert_slice.width
+        if u.shape != (n1 * self.n_cols, width) or v.shape != u.shape:
             raise ConfigError(f"expert tables of shape {tuple(u.shape)} do not fit a {n1} x {self.n_cols} grid")
         self.frozen_row_keys = row_keys[:frozen_rows].detach()
         self.row_keys = nn.Parameter(row_keys[frozen_rows:].detach().clone())
@@ -351,12 +363,43 @@ class PEERLayer(nn.Module):
         self.config.n_rows = n1
         self.grads.clear()
 
+    # ---------------------------------------------------------------- expert parallel
+    def slice_experts(self, rank: int, world: int, group=None) -> None:
+        """Keep columns ``[rank*d/P, (rank+1)*d/P)`` of ``u`` and ``v`` (expert parallel:
+        ranks mix their slices, :class:`~lifelong.experts.ExpertMixSliced`). Memory 1/P."""
+        if self.expert_slice is not None:
+            raise ConfigError("this PEER layer's experts are already sliced")
+        if self.config.d_model % world:
+            raise ConfigError(f"--expert-parallel: d_model {self.config.d_model} is not divisible by {world} ranks")
+        sl = ExpertSlice(rank, world, self.config.d_model, group)
+        self.expert_u, self.expert_v = sl.take(self.expert_u), sl.take(self.expert_v)
+        self.expert_slice = sl
+
+    def grad_square_means(self, gu: Tensor, gv: Tensor) -> Tensor:
+        """(R, 2): mean over d_model of the squared row gradients of ``u`` and ``v`` (RowAdam's
+        second moment), summed over the ranks' column slices when sliced."""
+        if self.expert_slice is None:
+            return torch.stack([gu.pow(2).mean(1), gv.pow(2).mean(1)], dim=1).float()
+        return self.expert_slice.square_means(gu, gv)
+
     def extra_repr(self) -> str:
         c = self.config
         return (
             f"d_model={c.d_model}, heads={c.heads}, top_k={c.top_k}, d_key={c.d_key}, "
             f"grid={self.n_rows}x{self.n_cols} ({self.num_experts} experts, {self.frozen_rows} rows frozen)"
         )
+
+
+def _sharded_group():
+    from .distributed import sharded_group  # no cycle at import time: distributed imports nothing of ours
+
+    return sharded_group()
+
+
+def _sync_batch_norm(x: Tensor, bn: nn.BatchNorm1d, group) -> Tensor:
+    from .distributed import sync_batch_norm
+
+    return sync_batch_norm(x, bn, group)
 
 
 @contextmanager

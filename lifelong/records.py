@@ -1,12 +1,15 @@
 """`lifelong`'s own tables on the store's database: cycles, audits, and the leases.
 
 Every SQL statement on these tables is here: the cycle rows (:func:`start_cycle`,
-:func:`finish_cycle`), the audit rows (:func:`record_audit`, :func:`is_audited`) and the lease.
+:func:`finish_cycle`), the audit rows (:func:`record_audit`, :func:`is_audited`) and the lease
+(:func:`no_cycle_running` holds it for a user command that would pull data from under a cycle).
 
 The lease is one row per name: a second cycle (another process, the scheduler, the CLI)
 finds it held and waits or refuses with the holder's name. An expired lease (its holder died
 without releasing it) is taken over. Works on any SQLAlchemy database: it relies only on a
-primary-key insert conflict and conditional UPDATE/DELETE.
+primary-key insert conflict and conditional UPDATE/DELETE. On a database server shared by
+hosts (PostgreSQL) lease times are the server's clock, so hosts with skewed clocks agree on
+when a lease expires; on SQLite (one host) they are this host's.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Engine, Float, Integer, String, delete, insert, select, update
+from sqlalchemy import JSON, Connection, DateTime, Engine, Float, Integer, String, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -29,7 +32,7 @@ from .errors import LifelongError
 
 __all__ = [
     "Base", "CycleRow", "AuditRow", "LeaseRow", "Lease", "LeaseHeldError", "create_tables", "holder_name", "utcnow",
-    "start_cycle", "finish_cycle", "record_audit", "is_audited",
+    "start_cycle", "finish_cycle", "record_audit", "is_audited", "CycleRunningError", "no_cycle_running",
 ]
 
 
@@ -71,6 +74,13 @@ class LeaseRow(Base):
     holder: Mapped[str] = mapped_column(String(256))
     acquired_at: Mapped[datetime] = mapped_column(DateTime)
     expires_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+def lease_clock(conn: Connection) -> datetime:
+    """Now, naive UTC, by the clock every holder shares: the server's (SQLite: this host's)."""
+    if conn.dialect.name == "sqlite":
+        return utcnow()
+    return conn.execute(select(func.now())).scalar_one().astimezone(timezone.utc).replace(tzinfo=None)
 
 
 def create_tables(engine: Engine) -> None:
@@ -140,8 +150,8 @@ class Lease:
     def acquire(self) -> None:
         deadline = time.monotonic() + self.wait_s
         while True:
-            now = utcnow()
             with self.engine.begin() as conn:
+                now = lease_clock(conn)
                 conn.execute(delete(LeaseRow).where(LeaseRow.name == self.name, LeaseRow.expires_at < now))
             try:
                 with self.engine.begin() as conn:
@@ -166,7 +176,7 @@ class Lease:
             n = conn.execute(
                 update(LeaseRow)
                 .where(LeaseRow.name == self.name, LeaseRow.holder == self.holder)
-                .values(expires_at=utcnow() + timedelta(seconds=self.ttl_s))
+                .values(expires_at=lease_clock(conn) + timedelta(seconds=self.ttl_s))
             ).rowcount
         if n != 1:
             raise LeaseHeldError(f"the '{self.name}' lease of {self.holder} was lost")
@@ -207,3 +217,27 @@ class Lease:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+class CycleRunningError(LifelongError):
+    """A cycle holds the store's ``cycle`` lease, and what was asked would change data it reads."""
+
+
+@contextmanager
+def no_cycle_running(engine: Engine, refused: str, role: str = "cli") -> Iterator[None]:
+    """Hold the ``cycle`` lease while inside: no cycle runs meanwhile. When one runs already,
+    raise :class:`CycleRunningError` naming it, ending with ``refused`` (what was not done)."""
+    lease = Lease(engine, "cycle", holder=holder_name(role))
+    try:
+        lease.acquire()
+    except LeaseHeldError:
+        with engine.connect() as conn:
+            row = conn.execute(select(CycleRow).where(CycleRow.status == "running").order_by(CycleRow.id.desc())).first()
+            held = conn.execute(select(LeaseRow).where(LeaseRow.name == "cycle")).first()
+        who = f"{held.holder} since {held.acquired_at:%Y-%m-%d %H:%M:%S} UTC" if held else "another process"
+        what = f"cycle {row.id} is training stream '{row.stream}'" if row else "a cycle is starting"
+        raise CycleRunningError(f"{what} ({who}): {refused}") from None
+    try:
+        yield
+    finally:
+        lease.release()

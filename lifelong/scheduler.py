@@ -1,10 +1,10 @@
 """APScheduler adapter: persistent jobs that call :func:`lifelong.cycle.run_cycle`.
 
-Jobs live in an APScheduler ``SQLAlchemyJobStore`` (table ``lifelong_jobs``) on the
-store's own database, so they survive restarts and can be added or removed while no
-scheduler runs (:mod:`lifelong.jobstore`). Each job is a module-level function named by textual reference
-(``lifelong.scheduler:poll_job``) with plain kwargs (store path, stream, settings), and
-does nothing but decide whether a cycle is due and call ``run_cycle``:
+Jobs live as JSON rows (table ``lifelong_schedule``; :class:`lifelong.jobtable.JsonJobStore`,
+never a pickle) on the store's own database, so they survive restarts and can be added or
+removed while no scheduler runs (:mod:`lifelong.jobstore`). Each job is one of the three
+module-level functions below with plain kwargs (store path, stream, settings), and does
+nothing but decide whether a cycle is due and call ``run_cycle``:
 
 - ``poll:<stream>``  -- every N seconds: a cycle when the stream's pending tokens (after
   HEAD's committed cursor) reach a threshold;
@@ -40,7 +40,7 @@ from expert_store import ExpertStore
 
 from .audit_report import DEFAULT_MIN_RECALL
 from .config import cycle_config
-from .cycle import CycleInterrupted, NothingPendingError, run_cycle
+from .cycle import CycleInterrupted, HeadMovedError, NothingPendingError, run_cycle
 from .jobstore import edit_jobs, job_store, list_jobs
 from .records import Lease, LeaseHeldError, create_tables, holder_name, is_audited
 from .workspace import open_registry, tensorboard_dir
@@ -83,6 +83,9 @@ def _cycle(st: ExpertStore, stream: str, settings: Mapping[str, Any] | None, job
     except CycleInterrupted as exc:
         log.warning("%s: %s", job, exc)
         return {"status": "interrupted", "message": str(exc)}
+    except HeadMovedError as exc:
+        log.warning("%s: %s", job, exc)
+        return {"status": "head-moved", "cycle": exc.cycle_id, "version": exc.version, "ref": exc.ref, "message": str(exc)}
     finally:
         if monitor is not None:
             monitor.close()

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,6 +21,9 @@ from .evaluate import evaluate_loss
 from .model import PEERLM
 from .optim import RowAdam
 from .peer import recording
+
+if TYPE_CHECKING:
+    from .distributed import Dist
 
 __all__ = ["train", "random_batches", "mixed_batches", "replay_rows", "TrainResult", "lr_factor"]
 
@@ -108,6 +112,7 @@ def train(
     optimizer_state: dict[str, Tensor] | None = None,
     after_step: Callable[[], object] | None = None,
     select_rows: Callable[[list[Tensor]], list[Tensor | None]] | None = None,
+    dist: Dist | None = None,
 ) -> TrainResult:
     """Train ``model`` for ``cfg.steps`` steps on (B, L+1) token batches.
 
@@ -129,6 +134,10 @@ def train(
     ``optimizer_state`` (a previous :attr:`TrainResult.optimizer_state`) resumes the optimizers:
     the expert rows' state always (rows still trainable keep theirs), AdamW's only when the
     trainable parameters have the same shapes (after growth they do not: AdamW starts fresh).
+
+    ``dist`` (:class:`lifelong.distributed.Dist`): every rank passes the same global batches
+    and trains on its share of each; the update is the one a single process would make on the
+    whole batch (up to float summation order). ``TrainResult`` counts global tokens and rows.
     """
     device = next(model.parameters()).device
     groups = model.param_groups()
@@ -140,13 +149,14 @@ def train(
     rows = RowAdam(groups["expert"], lr=cfg.expert_lr)
     clip_params = [p for g in param_groups for p in g["params"]]
     resumed = _load_optimizers(adamw, rows, optimizer_state or {})
+    forward = dist.wrap(model) if dist is not None else model  # DDP averages the dense gradients
 
     model.train()
     result = TrainResult(steps=0, final_loss=float("nan"), resumed_optimizer=resumed, config=cfg)
     start = time.perf_counter()
     bar = tqdm(range(cfg.steps), desc="train", unit="step", disable=not progress, leave=False)
     for step in bar:
-        if should_stop is not None and should_stop():
+        if should_stop is not None and (should_stop() if dist is None else dist.any(should_stop())):
             break
         factor = lr_factor(step, cfg)
         if adamw is not None:
@@ -156,14 +166,27 @@ def train(
 
         item = next(batches)
         batch, replay = item if isinstance(item, tuple) else (item, None)
-        batch = batch.to(device)  # (B, L+1)
-        with recording(model.peer_layers(), counts=True) if select_rows is not None else nullcontext({}) as recs:
-            logits, loss = model(batch[:, :-1], batch[:, 1:])
         n_replay = int(replay.sum()) if replay is not None else 0
+        tokens = batch[:, 1:].numel()
+        if dist is not None:  # this rank's share; losses are sums over the global counts
+            targets = int((batch[:, 1:] != model.config.pad_id).sum())
+            replay_tokens = n_replay * (batch.shape[1] - 1)
+            batch, replay = dist.shard(batch), dist.shard(replay) if replay is not None else None
+        batch = batch.to(device)  # (B, L+1); (B/P, L+1) on each of P ranks
+        with recording(model.peer_layers(), counts=True) if select_rows is not None else nullcontext({}) as recs:
+            if dist is None:
+                logits, loss = model(batch[:, :-1], batch[:, 1:])
+            else:
+                with dist.sharded():
+                    logits, _ = forward(batch[:, :-1])
+                ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), ignore_index=model.config.pad_id,
+                                     reduction="sum")
+                loss = ce * (dist.world / max(1, targets))  # DDP's mean over ranks makes it the global mean
         result.replayed_rows += n_replay
-        if teacher is not None and distill_weight > 0 and n_replay:
+        local_replay = n_replay if dist is None else (int(replay.sum()) if replay is not None else 0)
+        if teacher is not None and distill_weight > 0 and local_replay:
             replay = replay.to(device)  # type: ignore[union-attr]
-            result.distilled_rows += n_replay
+            result.distilled_rows += n_replay if dist is None else 0
             with torch.no_grad():
                 teacher_logits, _ = teacher(batch[replay][:, :-1])  # (R, L, V)
             t = distill_temperature
@@ -172,12 +195,20 @@ def train(
                 F.log_softmax(logits[replay].reshape(-1, vocab) / t, -1),
                 F.log_softmax(teacher_logits.reshape(-1, vocab) / t, -1),
                 log_target=True,
-                reduction="batchmean",
+                reduction="batchmean" if dist is None else "sum",
             )  # per token
+            if dist is not None:
+                kl = kl * (dist.world / replay_tokens)
             loss = loss + distill_weight * t * t * kl
+        if dist is not None and teacher is not None and distill_weight > 0:
+            result.distilled_rows += n_replay
         if adamw is not None:
             adamw.zero_grad(set_to_none=True)
         loss.backward()
+        if dist is not None:
+            dist.merge_row_grads(groups["expert"])
+            if select_rows is not None:
+                dist.sum_recordings(recs)
         if clip_params and cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(clip_params, cfg.grad_clip)
         if adamw is not None:
@@ -186,24 +217,30 @@ def train(
         if after_step is not None:  # e.g. routing isolation's projection of the new keys
             after_step()
 
-        value = float(loss.detach())
+        value = float(loss.detach()) if dist is None else float(dist.sum_(loss.detach().clone())) / dist.world
         if not math.isfinite(value):
             raise FloatingPointError(f"training loss became {value} at step {step}; lower the learning rate")
         result.losses.append(value)
-        result.tokens += batch[:, 1:].numel()
+        result.tokens += tokens
         result.steps = step + 1
         bar.set_postfix(loss=f"{value:.3f}")
         if on_step is not None:
             on_step(step_offset + step, value, cfg.lr * factor)
         if eval_blocks is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-            result.eval_losses.append((step + 1, evaluate_loss(model, eval_blocks, cfg.batch_size, cfg.eval_batches)))
+            result.eval_losses.append((step + 1, _eval(model, eval_blocks, cfg, dist)))
     bar.close()
     result.seconds = time.perf_counter() - start
     result.final_loss = float(np.mean(result.losses[-10:])) if result.losses else float("nan")
     if eval_blocks is not None and (not result.eval_losses or result.eval_losses[-1][0] != result.steps):
-        result.eval_losses.append((result.steps, evaluate_loss(model, eval_blocks, cfg.batch_size, cfg.eval_batches)))
+        result.eval_losses.append((result.steps, _eval(model, eval_blocks, cfg, dist)))
     result.optimizer_state = _save_optimizers(adamw, rows)
     return result
+
+
+def _eval(model: PEERLM, blocks: np.ndarray, cfg: TrainConfig, dist: Dist | None) -> float:
+    if dist is None:
+        return evaluate_loss(model, blocks, cfg.batch_size, cfg.eval_batches)
+    return dist.evaluate_loss(model, blocks, cfg.batch_size, cfg.eval_batches)
 
 
 def _save_optimizers(adamw: torch.optim.Optimizer | None, rows: RowAdam) -> dict[str, Tensor]:

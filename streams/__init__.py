@@ -9,10 +9,11 @@ from .cursor import Cursor, FileCursor
 from .defaults import DEFAULT_STREAMS, default_sources, register_defaults
 from .errors import (BadInputError, BinaryFileError, BlankFileError, ChangedFileError,
                      CursorError, EmptyFileError, EncodingError, FieldTypeError,
-                     MalformedJSONError, MissingFieldError, NotAnObjectError, SourceError,
-                     SourceNotFoundError, SourceUnavailableError, SpecError, StreamError,
-                     StreamExistsError, StreamNameError, StreamNotFoundError, TokenizerError,
-                     UnreadableFileError, VanishedFileError)
+                     MalformedFileError, MalformedJSONError, MissingFieldError,
+                     NotAnObjectError, SourceError, SourceNotFoundError, SourceUnavailableError,
+                     SpecError, StreamError, StreamExistsError, StreamNameError,
+                     StreamNotFoundError, StreamWriteError, TokenizerError, UnreadableFileError,
+                     VanishedFileError)
 from .packing import BlockPacker, pack_blocks, pack_documents
 from .registry import StreamRegistry
 from .result import FileReport, HeldOut, IngestResult, Pending, StagedInfo, StreamInfo
@@ -29,9 +30,10 @@ __all__ = [
     "doc_hash", "is_heldout", "split_document", "HELDOUT_SPLITS",
     "DEFAULT_STREAMS", "default_sources", "register_defaults",
     "StreamError", "StreamNameError", "StreamExistsError", "StreamNotFoundError", "SpecError",
+    "StreamWriteError",
     "CursorError", "TokenizerError", "SourceError", "SourceNotFoundError",
-    "SourceUnavailableError", "ChangedFileError", "BadInputError", "MalformedJSONError",
-    "NotAnObjectError", "EncodingError", "MissingFieldError", "FieldTypeError",
+    "SourceUnavailableError", "ChangedFileError", "BadInputError", "MalformedFileError",
+    "MalformedJSONError", "NotAnObjectError", "EncodingError", "MissingFieldError", "FieldTypeError",
     "BinaryFileError", "EmptyFileError", "BlankFileError", "UnreadableFileError",
     "VanishedFileError",
 ]

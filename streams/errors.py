@@ -6,6 +6,21 @@ name exactly what to fix.
 """
 from __future__ import annotations
 
+import re
+
+_BREAKS = re.compile(r"\s*[\r\n]+\s*")
+
+
+def one_line(text: str) -> str:
+    """``text`` on one line (messages of ``datasets``/pandas/pyarrow may end in newlines)."""
+    return _BREAKS.sub(" ", text).strip()
+
+
+def show_path(path: str) -> str:
+    """A path as messages print it: as is, or quoted with escapes if it holds control
+    characters or bytes that are not UTF-8 (a hostile file name stays on one line)."""
+    return path if path.isprintable() else ascii(path)
+
 
 class StreamError(Exception):
     """Base class of every error raised by ``streams``."""
@@ -36,6 +51,17 @@ class CursorError(StreamError, ValueError):
 
 class TokenizerError(StreamError):
     """The tokenizer cannot be loaded or used."""
+
+
+class StreamWriteError(StreamError):
+    """Writing the stream's state failed (disk full, an I/O error): its staged data, held-out
+    documents, file index or a temp copy. One line saying what failed and what it left,
+    e.g. "disk full while saving the staged data of stream 'a' (database or disk is full);
+    nothing was staged and no cursor moved". ``errno`` when the OS gave one."""
+
+    def __init__(self, message: str, *, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
 
 
 class SourceError(StreamError):
@@ -72,16 +98,23 @@ class BadInputError(SourceError):
 
     def __init__(self, path: str, message: str, *, line: int | None = None,
                  row: int | None = None) -> None:
-        where = path
+        where = show_path(path)
         if line is not None:
             where += f", line {line}"
-        elif row is not None:
+        if row is not None:  # both for an element of a JSON array
             where += f", row {row}"
+        message = one_line(message)
         super().__init__(f"{where}: {message}")
         self.path, self.line, self.row, self.detail = path, line, row, message
 
 
-class MalformedJSONError(BadInputError):
+class MalformedFileError(BadInputError):
+    """A CSV or Parquet file that its parser rejects (a JSON one: ``MalformedJSONError``)."""
+
+    kind = "malformed"
+
+
+class MalformedJSONError(MalformedFileError):
     kind = "malformed_json"
 
 
@@ -114,7 +147,8 @@ class BlankFileError(BadInputError):
 
 
 class UnreadableFileError(BadInputError):
-    """The path cannot be opened: a directory, a dangling symlink, no permission, gone."""
+    """The path cannot be opened or is no regular file: a directory, a dangling symlink, a
+    symbolic link loop, a FIFO or device, no permission, a name that is not UTF-8."""
 
     kind = "unreadable"
 

@@ -2,17 +2,54 @@
 
 Acts as a sha256 cache: a file whose size and mtime_ns are unchanged is not re-hashed
 (the heuristic git uses). Changes are written back in one transaction by ``flush``.
+Only regular files are indexed: a FIFO, device, socket, directory, symbolic link loop or a
+name that is not UTF-8 is refused by ``stat`` (``UnreadableFileError`` naming it).
 """
 from __future__ import annotations
 
+import errno
 import os
+import stat as stat_mod
 from datetime import datetime, timezone
 
 from sqlalchemy import Engine, delete, insert, select
 
-from .errors import UnreadableFileError, VanishedFileError
+from .errors import UnreadableFileError, VanishedFileError, show_path
 from .fsutil import sha256_file
 from .schema import stream_files
+
+
+_SPECIAL = ((stat_mod.S_ISDIR, "is a directory, expected a file"),
+            (stat_mod.S_ISFIFO, "is a FIFO (named pipe), not a regular file; streams read "
+                                "only regular files (reading a pipe would wait forever)"),
+            (stat_mod.S_ISCHR, "is a character device, not a regular file; streams read only "
+                               "regular files"),
+            (stat_mod.S_ISBLK, "is a block device, not a regular file; streams read only "
+                               "regular files"),
+            (stat_mod.S_ISSOCK, "is a socket, not a regular file; streams read only regular files"))
+
+
+def not_regular(mode: int) -> str | None:
+    """Why a file of ``st_mode`` ``mode`` cannot be read as data, or None if it is regular."""
+    if stat_mod.S_ISREG(mode):
+        return None
+    return next((why for test, why in _SPECIAL if test(mode)), "is not a regular file")
+
+
+def is_link_loop(path: str) -> bool:
+    """Whether ``path`` is a symbolic link to a directory that contains the link itself."""
+    if not os.path.islink(path):
+        return False
+    target, parent = os.path.realpath(path), os.path.realpath(os.path.dirname(path))
+    return parent == target or parent.startswith(target.rstrip(os.sep) + os.sep)
+
+
+def _dir_link_problem(path: str) -> str:
+    target = os.path.realpath(path)
+    if is_link_loop(path):
+        return (f"symbolic link loop: it points to {show_path(target)}, a directory that "
+                "contains it (links to directories inside a drop folder are not followed)")
+    return f"symbolic link to a directory ({show_path(target)}), expected a file"
 
 
 class FileIndex:
@@ -26,7 +63,12 @@ class FileIndex:
         self._dirty: set[str] = set()
 
     def stat(self, path: str) -> os.stat_result:
-        """``os.stat`` with errors named after the path (dir, dangling link, vanished)."""
+        """``os.stat`` of a regular file, with errors named after the path (a directory,
+        FIFO or device, a dangling link or link loop, vanished, a name not in UTF-8)."""
+        try:
+            path.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise UnreadableFileError(path, "file name is not valid UTF-8; rename the file") from exc
         try:
             st = os.stat(path)
         except FileNotFoundError as exc:
@@ -34,9 +76,14 @@ class FileIndex:
                 raise UnreadableFileError(path, "dangling symbolic link") from exc
             raise VanishedFileError(path, "file disappeared after it was listed") from exc
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise UnreadableFileError(path, "symbolic link loop") from exc
             raise UnreadableFileError(path, f"cannot stat: {exc.strerror or exc}") from exc
-        if os.path.isdir(path):
-            raise UnreadableFileError(path, "is a directory, expected a file")
+        problem = not_regular(st.st_mode)
+        if problem and stat_mod.S_ISDIR(st.st_mode) and os.path.islink(path):
+            problem = _dir_link_problem(path)
+        if problem:
+            raise UnreadableFileError(path, problem)
         return st
 
     def identity(self, path: str) -> tuple[int, str]:

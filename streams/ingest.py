@@ -195,7 +195,12 @@ class _Reader:
             entry.rows = rows
             entry.bytes += nbytes
 
-        yield from self.consume(read_rows(spec, path, start, read_path), path, set_pos, report)
+        try:
+            yield from self.consume(read_rows(spec, path, start, read_path), path, set_pos, report)
+        except BadInputError as err:  # the reader gave up inside the file (a CSV parse error)
+            self.bad(err)  # skip: counted; the rows before it are kept, the file is consumed
+            entry.done = self.acc.report(path, "resumed").done = True
+            return
         if self.budget_spent():
             return  # stopped on the budget, maybe mid-file: the cursor says where
         entry.done = True
@@ -220,7 +225,8 @@ def iter_ingest(spec: StreamSpec, cursor: dict[str, Any] | None, tokenizer: Toke
     """Yield chunks of the data new relative to ``cursor`` (see module doc). The last
     chunk has ``exhausted=True`` unless ``token_budget`` stopped the reading (the budget
     may be exceeded by less than one document)."""
-    with tempfile.TemporaryDirectory(prefix="streams-", dir=work_dir) as tmp:
+    # A temp dir that cannot be removed is left for `lifelong gc` rather than failing the ingest.
+    with tempfile.TemporaryDirectory(prefix="streams-", dir=work_dir, ignore_cleanup_errors=True) as tmp:
         reader = _Reader(spec, cursor, tokenizer, index, chunk_tokens=chunk_tokens,
                          token_budget=token_budget, work_dir=tmp, on_heldout=on_heldout,
                          progress=progress)

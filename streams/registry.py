@@ -1,6 +1,9 @@
 """``StreamRegistry``: the streams of one database, and the verbs on them."""
 from __future__ import annotations
 
+import errno
+import os
+import stat
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Any
@@ -11,17 +14,37 @@ from sqlalchemy.exc import IntegrityError
 
 from . import advice
 from .cursor import cursor_key
-from .errors import StreamExistsError, StreamNotFoundError
-from .fileindex import FileIndex
+from .errors import SourceError, StreamExistsError, StreamNotFoundError, show_path
+from .fileindex import FileIndex, not_regular
 from .ingest import DEFAULT_CHUNK_TOKENS, iter_ingest
 from .pending import pending as _pending
 from .result import HeldOut, IngestResult, Pending, StagedInfo, StreamInfo
 from .schema import metadata, stream_files, stream_heldout, stream_registry, stream_staged
 from .sources import list_files
 from .spec import StreamSpec, validate_name
-from .staging import (add_heldout, clear_staged, get_heldout, heldout_size,
+from .fsutil import write_errors
+from .staging import (NOTHING_STAGED, add_heldout, clear_staged, get_heldout, heldout_size,
                       list_staged, load_staged, save_staged)
 from .tokenizer import ByteTokenizer, Tokenizer
+
+
+def _refuse_special(spec: StreamSpec) -> None:
+    """A source path that is a FIFO, device, socket or symbolic link loop is refused at
+    registration (reading a FIFO would wait forever, ``/dev/zero`` never ends)."""
+    for src in spec.sources:
+        path = os.path.abspath(os.path.expanduser(src))
+        if set("*?[") & set(path):
+            continue
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise SourceError(f"stream {spec.name!r}: source {show_path(path)} is a "
+                                  "symbolic link loop") from exc
+            continue  # a dangling link: refused when read, naming it
+        problem = None if stat.S_ISDIR(st.st_mode) else not_regular(st.st_mode)
+        if problem:
+            raise SourceError(f"stream {spec.name!r}: source {show_path(path)} {problem}")
 
 
 class StreamRegistry:
@@ -56,6 +79,7 @@ class StreamRegistry:
                           created_at=datetime.now(timezone.utc))
         if spec.format != "hub":
             list_files(spec)  # raises SourceNotFoundError naming the missing path
+            _refuse_special(spec)
         src = list(spec.sources) if isinstance(spec.source, tuple) else spec.source
         try:
             with self.engine.begin() as conn:
@@ -145,7 +169,8 @@ class StreamRegistry:
             res = load_staged(self.engine, name, key)
             if res is not None and self._staged_valid(spec, res):
                 return res
-        parts = list(self.iter_ingest(name, cursor, token_budget=token_budget))
+        with write_errors(f"ingesting stream {name!r}", NOTHING_STAGED):  # temp copies, the file index
+            parts = list(self.iter_ingest(name, cursor, token_budget=token_budget))
         res = IngestResult.merge(parts)
         if stage:
             save_staged(self.engine, key, res)

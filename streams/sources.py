@@ -9,14 +9,19 @@ from __future__ import annotations
 import fnmatch
 import glob
 import os
+import re
 import socket
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from typing import Any
 from urllib.parse import urlparse
 
 from .errors import (BadInputError, EmptyFileError, EncodingError, FieldTypeError,
-                     MalformedJSONError, MissingFieldError, SourceNotFoundError,
-                     SourceUnavailableError, UnreadableFileError, VanishedFileError)
+                     MalformedFileError, MalformedJSONError, MissingFieldError, SpecError,
+                     SourceNotFoundError, SourceUnavailableError, UnreadableFileError,
+                     VanishedFileError)
+from .fileindex import is_link_loop
+from .fsutil import DISK_ERRNOS
 from .spec import StreamSpec
 
 BATCH_ROWS = 1024
@@ -27,6 +32,11 @@ _DEFAULT_PATTERN = {"text": "*", "jsonl": "*.jsonl", "json": "*.json*", "csv": "
                     "parquet": "*.parquet"}
 _TEMP_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", "~")
 _GLOB_CHARS = set("*?[")
+EXTENSION_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv",
+                     ".parquet": "parquet", ".pq": "parquet"}  # anything else: text
+_INFER_MAX_FILES = 10_000
+_PARSER_ERRORS = ("ArrowInvalid", "ArrowTypeError", "ArrowNotImplementedError", "JSONDecodeError",
+                  "ParserError", "ArrowException")
 
 
 def _ignored_name(name: str) -> bool:
@@ -35,11 +45,15 @@ def _ignored_name(name: str) -> bool:
 
 
 def _walk(root: str, spec: StreamSpec) -> list[str]:
+    """A drop folder's files. Links to directories are not followed (so no loop can
+    recurse); one that loops (points to a directory containing it) is listed, so that
+    reading it raises ``UnreadableFileError`` naming it."""
     pattern = spec.pattern or _DEFAULT_PATTERN[spec.format]
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for name in filenames:
+        loops = [d for d in dirnames if is_link_loop(os.path.join(dirpath, d))]
+        for name in filenames + loops:
             if _ignored_name(name) or not fnmatch.fnmatch(name, pattern):
                 continue
             path = os.path.join(dirpath, name)
@@ -47,6 +61,32 @@ def _walk(root: str, spec: StreamSpec) -> list[str]:
             if any(fnmatch.fnmatch(rel, ex) for ex in spec.exclude):
                 continue
             out.append(path)
+    return out
+
+
+def _match(pattern: list[str], parts: list[str]) -> bool:
+    """Glob match of path components, ``**`` standing for any number of directories."""
+    if not pattern:
+        return not parts
+    if pattern[0] == "**":
+        return _match(pattern[1:], parts) or (bool(parts) and _match(pattern, parts[1:]))
+    return bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0]) and _match(pattern[1:], parts[1:])
+
+
+def _glob(pattern: str, base: str) -> list[str]:
+    """``glob.glob(pattern, recursive=True)``, except that ``**`` does not follow links to
+    directories: ``glob`` does, so a link to a parent repeats the tree 40 times (until
+    the OS refuses the path) and two such links 2**40 times — a hang."""
+    if "**" not in pattern:
+        return glob.glob(pattern)
+    parts = os.path.relpath(pattern, base).split(os.sep)
+    out = []
+    for dirpath, dirnames, filenames in os.walk(base):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        rel = os.path.relpath(dirpath, base)
+        prefix = [] if rel == "." else rel.split(os.sep)
+        out.extend(os.path.join(dirpath, name) for name in dirnames + filenames
+                   if not name.startswith(".") and _match(parts, prefix + [name]))
     return out
 
 
@@ -65,7 +105,7 @@ def list_files(spec: StreamSpec) -> list[str]:
                 base = os.path.dirname(base)
             if not os.path.isdir(base):
                 raise SourceNotFoundError(f"stream {spec.name!r}: directory {base} of glob {src} does not exist")
-            for p in glob.glob(src, recursive=True):
+            for p in _glob(src, base):
                 rel = os.path.relpath(p, base)
                 if not _ignored_name(os.path.basename(p)) and \
                         not any(fnmatch.fnmatch(rel, ex) for ex in spec.exclude):
@@ -79,13 +119,60 @@ def list_files(spec: StreamSpec) -> list[str]:
     return sorted(found)
 
 
-def _convert(exc: BaseException, path: str) -> BadInputError:
-    """Map an exception escaping ``datasets`` onto this package's errors."""
+def format_of(name: str) -> str:
+    """The format a file name's extension says (``text`` for any other extension)."""
+    return EXTENSION_FORMATS.get(os.path.splitext(name)[1].lower(), "text")
+
+
+def _candidates(src: str, pattern: str | None) -> Iterable[str]:
+    """The files a local source would offer (before a format's default pattern)."""
+    src = os.path.abspath(os.path.expanduser(src))
+    if _GLOB_CHARS & set(src):
+        base = src
+        while _GLOB_CHARS & set(base):
+            base = os.path.dirname(base)
+        if os.path.isdir(base):
+            yield from (p for p in _glob(src, base) if os.path.isfile(p))
+    elif os.path.isdir(src):
+        for dirpath, dirnames, filenames in os.walk(src):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            yield from (os.path.join(dirpath, n) for n in filenames if not _ignored_name(n)
+                        and (pattern is None or fnmatch.fnmatch(n, pattern)))
+    elif os.path.lexists(src):
+        yield src
+
+
+def infer_format(sources: Iterable[str], pattern: str | None = None) -> tuple[str, str]:
+    """``(format, why)`` of local ``sources`` from their files' extensions (``.jsonl`` /
+    ``.ndjson``, ``.json``, ``.csv``, ``.parquet``; anything else is ``text``), for a drop
+    folder or glob from the files in it now (those matching ``pattern``). Files of several
+    formats raise ``SpecError`` saying which; no file at all gives ``text``."""
+    counts: Counter[str] = Counter()
+    example: dict[str, str] = {}
+    for src in sources:
+        for n, path in enumerate(_candidates(src, pattern)):
+            if n >= _INFER_MAX_FILES:
+                break
+            fmt = format_of(path)
+            counts[fmt] += 1
+            example.setdefault(fmt, os.path.basename(path))
+    if not counts:
+        return "text", "no file to infer it from yet"
+    if len(counts) > 1:
+        found = ", ".join(f"{n} {fmt} (e.g. {example[fmt]})" for fmt, n in counts.most_common())
+        raise SpecError(f"cannot infer the format: the source holds files of several formats "
+                        f"({found}); pass --format, and --pattern to choose the files")
+    (fmt, n), = counts.items()
+    return fmt, (f"inferred from the extension of {example[fmt]}" if n == 1
+                 else f"inferred from the extensions of its {n} files, e.g. {example[fmt]}")
+
+
+def _convert(exc: BaseException, path: str, fmt: str = "jsonl") -> BadInputError:
+    """Map an exception escaping ``datasets`` (reading a file of format ``fmt``) onto this
+    package's errors, on one line, with the line when the parser names one."""
     cause = exc.__cause__ or exc.__context__
     if isinstance(exc, RuntimeError) and isinstance(cause, StopIteration) or isinstance(exc, StopIteration):
         return EmptyFileError(path, "no rows (datasets ended the file with a bare StopIteration)")
-    if isinstance(exc, UnicodeDecodeError):
-        return EncodingError(path, f"not valid UTF-8 ({exc.reason} at byte {exc.start})")
     if isinstance(exc, FileNotFoundError):
         return VanishedFileError(path, "file disappeared while being read")
     if isinstance(exc, (IsADirectoryError, PermissionError)):
@@ -93,8 +180,18 @@ def _convert(exc: BaseException, path: str) -> BadInputError:
     inner = cause if cause is not None and type(exc).__name__ == "DatasetGenerationError" else exc
     if isinstance(inner, UnicodeDecodeError):
         return EncodingError(path, f"not valid UTF-8 ({inner.reason} at byte {inner.start})")
-    if type(inner).__name__ in ("ArrowInvalid", "JSONDecodeError", "ParserError", "ArrowTypeError"):
-        return MalformedJSONError(path, f"cannot parse: {inner}")
+    name = type(inner).__name__
+    if name == "EmptyDataError":  # pandas: nothing to read, not even a header
+        return EmptyFileError(path, "no CSV header or rows")
+    if name in _PARSER_ERRORS or (fmt == "parquet" and isinstance(inner, (OSError, ValueError))):
+        cls = MalformedJSONError if fmt in ("json", "jsonl") else MalformedFileError
+        kw = {}
+        if fmt == "csv" and (m := re.search(r"\bline (\d+)", str(inner))):
+            kw["line"] = int(m.group(1))
+        elif fmt == "csv" and (m := re.search(r"\bstarting at row (\d+)", str(inner))):
+            kw["line"] = int(m.group(1)) + 1  # pandas counts lines from 0 there
+        what = {"csv": "CSV", "parquet": "Parquet"}.get(fmt, "JSON")
+        return cls(path, f"cannot parse as {what}: {inner}", **kw)
     return UnreadableFileError(path, f"{type(exc).__name__}: {exc}")
 
 
@@ -127,7 +224,9 @@ def read_rows(spec: StreamSpec, path: str, start_row: int = 0,
     except BadInputError:
         raise
     except (Exception, StopIteration) as exc:
-        raise _convert(exc, path) from exc
+        if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS and exc.filename not in (path, src):
+            raise  # the disk refused datasets a write (its cache's lock files): not the input's fault
+        raise _convert(exc, path, spec.format) from exc
 
 
 def _batches(ds: Any, field: str, where: Any, start_row: int) -> Iterator[tuple[int, list[Any]]]:

@@ -1,6 +1,7 @@
 """Database-side state that is not a cursor: staged (read-ahead) tokens and the held-out
 documents seen so far. Staged rows are written in one transaction, so a crash leaves
-either a complete row or none; they never move a cursor."""
+either a complete row or none; they never move a cursor. A write that fails (disk full, an
+I/O error) raises :class:`~streams.errors.StreamWriteError` saying so, in one line."""
 from __future__ import annotations
 
 import io
@@ -12,9 +13,13 @@ import numpy as np
 from sqlalchemy import Engine, delete, func, insert, select
 from sqlalchemy.exc import IntegrityError
 
+from .fsutil import write_errors
 from .result import IngestResult, StagedInfo
 from .schema import stream_heldout, stream_staged
 from .split import doc_hash
+
+#: What a failed ingest leaves: staged data is one transaction, cursors belong to versions.
+NOTHING_STAGED = "nothing was staged and no cursor moved"
 
 
 def _pack(res: IngestResult) -> bytes:
@@ -30,7 +35,7 @@ def save_staged(engine: Engine, key: str, res: IngestResult) -> None:
            "summary": {**res.summary(), "bad_examples": res.bad_examples,
                        "files": [f.to_dict() for f in res.files]},
            "created_at": datetime.now(timezone.utc)}
-    with engine.begin() as conn:
+    with write_errors(f"saving the staged data of stream {res.stream!r}", NOTHING_STAGED), engine.begin() as conn:
         conn.execute(delete(stream_staged).where(stream_staged.c.stream == res.stream,
                                                  stream_staged.c.key == key))
         conn.execute(insert(stream_staged), [row])
@@ -72,7 +77,8 @@ def clear_staged(engine: Engine, stream: str, key: str | None = None) -> int:
     stmt = delete(stream_staged).where(stream_staged.c.stream == stream)
     if key is not None:
         stmt = stmt.where(stream_staged.c.key == key)
-    with engine.begin() as conn:
+    with write_errors(f"clearing the staged data of stream {stream!r}",
+                      "it stays staged (keyed by its cursor, it is never used for other data)"), engine.begin() as conn:
         return conn.execute(stmt).rowcount
 
 
@@ -84,7 +90,8 @@ def add_heldout(engine: Engine, stream: str, docs: list[str]) -> None:
         rows.setdefault(h, {"stream": stream, "sha1": h, "text": d})
     for _ in range(3):  # a concurrent ingest may insert the same docs first: retry
         try:
-            with engine.begin() as conn:
+            with write_errors(f"recording held-out documents of stream {stream!r}", NOTHING_STAGED), \
+                    engine.begin() as conn:
                 have = set(conn.execute(select(stream_heldout.c.sha1).where(
                     stream_heldout.c.stream == stream,
                     stream_heldout.c.sha1.in_(list(rows)))).scalars())

@@ -4,12 +4,18 @@
 the tests call. SIGTERM/SIGINT ask it to stop after the current step; a stopped cycle
 writes no version (exit 130). A second Ctrl-C aborts at once (still no version: the commit
 is one transaction).
+
+Several processes: ``--nproc N`` reruns the same command under ``torchrun`` (``python -m
+torch.distributed.run --standalone``) on N local processes; ``torchrun ... -m lifelong cycle
+...`` does the same across hosts. Rank 0 prints, holds the lease and commits
+(:mod:`lifelong.distributed`); ``--expert-parallel`` splits the expert tables along d_model.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import signal
 import sys
 from collections.abc import Iterator
@@ -21,7 +27,7 @@ from expert_store import ExpertStore
 
 from ..config import CycleConfig, add_cycle_flags, cycle_config
 from ..cycle import CycleInterrupted, CycleResult
-from ..errors import CLIError
+from ..errors import CLIError, LifelongError
 from ..evaluate import LossMatrix, continual_metrics, loss_matrix
 from ..workspace import open_registry, tensorboard_dir
 from .common import NO_HELDOUT, add_parser, fmt, missing, open_store, print_json, print_table
@@ -93,18 +99,61 @@ def _print_result(res: CycleResult, store: ExpertStore, cfg: CycleConfig, parent
         print(f"warning: {msg}", file=sys.stderr)
 
 
+def _launch(args: argparse.Namespace, cfg: CycleConfig) -> int:
+    """``--nproc N``: check the layout, then become ``torchrun`` running this command on N processes."""
+    from ..distributed import check_layout, launch_args
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise CLIError("--nproc given inside a torchrun launch", hint="use either --nproc N or torchrun, not both")
+    store = open_store(args, read_only=True)
+    d_model = int(store.config.get("model", {}).get("d_model", 0)) or None
+    store.close()
+    check_layout(args.nproc, cfg.train.batch_size, d_model, args.expert_parallel)
+    argv = getattr(args, "argv", None) or sys.argv[1:]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))  # the cores shared out
+    os.execve(sys.executable, launch_args(argv, args.nproc), env)  # signals now reach torchrun, which stops every rank
+    return 1  # pragma: no cover
+
+
 def cmd_cycle(args: argparse.Namespace) -> int:
+    from ..distributed import RankError, init_from_env, shutdown
+
+    cfg = cycle_config(args, file=args.config)
+    if args.nproc is not None and args.nproc > 1:
+        return _launch(args, cfg)
+    dist = init_from_env(args.device, expert_parallel=args.expert_parallel)
+    try:
+        return _cmd_cycle(args, cfg, dist)
+    except RankError:  # rank 0 failed and said why; say nothing twice
+        return 1
+    finally:
+        shutdown()
+
+
+def _cmd_cycle(args: argparse.Namespace, cfg: CycleConfig, dist) -> int:  # noqa: ANN001
     from ..cycle import run_cycle
     from ..monitor import Monitor
 
-    cfg = cycle_config(args, file=args.config)
-    store = open_store(args)
+    main = dist is None or dist.is_main
+    if dist is not None:
+        from ..distributed import check_layout
+
+        try:
+            check_layout(dist.world, cfg.train.batch_size, None, False)
+        except LifelongError:
+            if main:
+                raise
+            return 1  # rank 0 says it
+    store = open_store(args, read_only=not main)
     log_to = sys.stderr if args.json else sys.stdout
     flag = _StopFlag()
     with stream_hints(args.store):
         registry = open_registry(store)
         registry.get(args.stream)  # an unknown stream fails before any event file is made
-    monitor = Monitor(tensorboard_dir(store))
+    monitor = Monitor(tensorboard_dir(store)) if main else None
     try:
         with stream_hints(args.store), flag.installed():
             head = store.head()
@@ -116,16 +165,21 @@ def cmd_cycle(args: argparse.Namespace) -> int:
                 cfg,
                 device=args.device,
                 monitor=monitor,
-                progress=not args.no_progress and sys.stderr.isatty(),
+                progress=main and not args.no_progress and sys.stderr.isatty(),
                 should_stop=flag,
                 wait_s=args.wait,
-                log=lambda line: print(line, file=log_to, flush=True),
+                log=(lambda line: print(line, file=log_to, flush=True)) if main else (lambda line: None),
+                dist=dist,
             )
     except CycleInterrupted as exc:
-        print(f"interrupted: {exc}; HEAD stays at {store.head()}", file=sys.stderr)
+        if main:
+            print(f"interrupted: {exc}; HEAD stays at {store.head()}", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
-        monitor.close()
+        if monitor is not None:
+            monitor.close()
+    if not main:
+        return 0
     if args.json:
         print_json({
             "cycle": result.cycle_id,
@@ -146,6 +200,16 @@ def cmd_cycle(args: argparse.Namespace) -> int:
     if flag.set:
         print(f"note: {flag.signal} came after training; the version was complete and is committed", file=sys.stderr)
     return 0
+
+
+def _nproc(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of processes >= 1, got {text!r}")
+    return n
 
 
 def _plot_size(text: str) -> tuple[int, int]:
@@ -244,6 +308,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--config", metavar="FILE", help="JSON of CycleConfig fields (nested 'train'); flags override it")
         p.add_argument("--json", action="store_true")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
+        p.add_argument("--nproc", type=_nproc, metavar="N",
+                       help="run on N local processes (torchrun, gloo on CPU / NCCL on GPU): each takes 1/N of every batch")
+        p.add_argument("--expert-parallel", action="store_true",
+                       help="with several processes: split every expert table along d_model (memory per process 1/N)")
         p.set_defaults(func=cmd_cycle)
 
     p = add_parser(sub, "eval", "the loss matrix along HEAD's history, forgetting, transfer and expert usage",

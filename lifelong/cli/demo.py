@@ -57,12 +57,12 @@ def run_demo(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     progress = not args.no_progress and sys.stderr.isatty()
     try:
-        store = ExpertStore.open(path)
+        store = ExpertStore.open(path, url=args.url)
         print(f"resuming the demo store at {path}: HEAD -> version {store.head()}, {len(store.versions())} versions")
     except NotAStoreError:
         if path.exists() and any(path.iterdir()):
             raise
-        store, info = init_store(str(path), demo_model_config(), seed=args.seed)
+        store, info = init_store(str(path), demo_model_config(), url=args.url, seed=args.seed)
         print(f"created store {path} (version {info.id}: fresh model, {info.n_experts} experts), device {device}")
 
     registry = open_registry(store, progress=progress)

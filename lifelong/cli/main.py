@@ -31,6 +31,7 @@ MODULES = [
 ]
 
 STORE_ENV = "LIFELONG_STORE"
+URL_ENV = "LIFELONG_URL"
 
 
 USER_ERRORS = (LifelongError, StoreError, StreamError, FileNotFoundError, PermissionError)
@@ -48,6 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get(STORE_ENV),
         help=f"path of the expert store (default: ${STORE_ENV})",
     )
+    parser.add_argument(
+        "--url",
+        default=os.environ.get(URL_ENV),
+        help="SQLAlchemy URL of the store's database when it is not the SQLite file in the store, e.g. "
+             f"postgresql+psycopg://user@host:5432/db (default: ${URL_ENV}; see docs/scale.md)",
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in MODULES:
@@ -58,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # as given: `--nproc N` reruns it under torchrun
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

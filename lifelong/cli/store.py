@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
+from pathlib import Path
 
 from expert_store import Residency, VersionInfo
+from expert_store.ioerrors import os_error
+from expert_store.maintenance import GC_GRACE_S
 
 from ..checkpoint import checkout_model, init_store
 from ..config import ModelConfig, PEERConfig, config_to_dict, load_config
@@ -236,16 +240,35 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def _stale_stream_temps(store_path: Path, grace_s: float, dry_run: bool) -> list[Path]:
+    """Temp directories an ingest could not remove (``streams-*`` in the registry's work
+    directory, see :func:`lifelong.workspace.open_registry`) older than ``grace_s``; deleted
+    unless ``dry_run``."""
+    work = Path(store_path).resolve() / "streams"
+    now = time.time()
+    stale = sorted(p for p in work.glob("streams-*") if p.is_dir() and now - p.lstat().st_mtime >= grace_s) \
+        if work.is_dir() else []
+    if not dry_run:
+        for path in stale:
+            try:
+                shutil.rmtree(path)
+            except OSError as exc:
+                raise os_error(exc, f"deleting the stale temp directory {path}",
+                               "no version was changed; run gc again to finish") from exc
+    return stale
+
+
 def cmd_gc(args: argparse.Namespace) -> int:
     store = open_store(args, read_only=args.dry_run)
-    result = store.gc(dry_run=args.dry_run)
+    result = store.gc(dry_run=args.dry_run, grace_s=args.grace)
+    temps = [*result.temp_files, *_stale_stream_temps(store.path, args.grace, args.dry_run)]
     verb = "would delete" if args.dry_run else "deleted"
     if args.json:
-        print_json({"dry_run": args.dry_run, "objects": result.objects, "temp_files": [str(p) for p in result.temp_files], "bytes": result.bytes})
+        print_json({"dry_run": args.dry_run, "objects": result.objects, "temp_files": [str(p) for p in temps], "bytes": result.bytes})
     else:
         for h in result.objects:
             print(f"  {h}")
-        print(f"{verb} {len(result.objects)} unreachable objects and {len(result.temp_files)} temp files ({result.bytes} bytes)")
+        print(f"{verb} {len(result.objects)} unreachable objects and {len(temps)} temp files ({result.bytes} bytes)")
     return 0
 
 
@@ -278,7 +301,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = add_parser(sub, "init", "create a store holding a fresh model", "lifelong --store ./store init --rows 128 --cols 128")
     p.add_argument("--config", help="JSON file with ModelConfig fields (nested 'peer' for PEERConfig)")
-    p.add_argument("--url", help="SQLAlchemy database URL (default: SQLite file in the store)")
+    p.add_argument("--url", default=argparse.SUPPRESS,
+                   help="SQLAlchemy database URL (default: SQLite file in the store); same as the global --url")
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--rows", type=int, default=128, help="n1: rows of the row codebook")
@@ -334,6 +358,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = add_parser(sub, "gc", "delete unreachable objects", "lifelong --store ./store gc --dry-run")
     p.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
+    p.add_argument("--grace", type=float, default=GC_GRACE_S, metavar="SECONDS",
+                   help=f"spare unreachable objects and temp files younger than this (default {GC_GRACE_S:g}: a commit "
+                        "may be writing them); 0 only when nothing else writes to the store")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_gc)
 

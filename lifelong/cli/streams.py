@@ -22,11 +22,13 @@ from streams import (BadInputError, ChangedFileError, Pending, SourceNotFoundErr
                      SourceUnavailableError, StreamError, StreamExistsError,
                      StreamNotFoundError, StreamRegistry, StreamSpec, register_defaults)
 from streams.defaults import DEFAULT_STREAMS
+from streams.sources import infer_format
 from streams.spec import FORMATS, ON_BAD_ROWS, ON_CHANGED, TEXT_MODES
 from streams.split import CHUNK_CHARS, HELDOUT_SPLITS
 
 from ..workspace import defaults_cache_dir, open_registry
 from ..config import positive_int
+from ..records import no_cycle_running
 from .common import add_parser, open_store, print_json, print_table
 
 STAGED_NOTE = "staged; the cursor advances when a cycle commits a version"
@@ -69,7 +71,8 @@ def stream_hints(store: str | None = None) -> Iterator[None]:
             elif isinstance(exc, ChangedFileError):
                 hint = "register the stream with --on-changed reread or skip"
             elif isinstance(exc, SourceNotFoundError):
-                hint = "give an existing file, directory or glob (relative paths are taken from here)"
+                hint = ("give an existing file, directory or glob (relative paths are taken from "
+                        "here), or --format hub for a hub dataset")
             elif isinstance(exc, SourceUnavailableError):
                 hint = "hub datasets need the network or a local datasets cache"
             exc.hint = hint  # type: ignore[attr-defined]
@@ -136,8 +139,11 @@ def cmd_add(args: argparse.Namespace) -> int:
     store = open_store(args)
     with stream_hints(args.store):
         reg = _registry(store)
-        sources = [_local(s, args.format) for s in args.source]
-        spec = reg.add(args.name, sources[0] if len(sources) == 1 else sources, args.format,
+        fmt, inferred = args.format, None
+        if fmt is None:  # from the extensions of the files
+            fmt, inferred = infer_format(args.source, args.pattern)
+        sources = [_local(s, fmt) for s in args.source]
+        spec = reg.add(args.name, sources[0] if len(sources) == 1 else sources, fmt,
                        text_field=args.text_field, text_mode=args.text_mode,
                        on_bad_rows=args.on_bad_rows, on_changed=args.on_changed,
                        holdout=args.holdout, heldout_split=args.heldout_split,
@@ -146,11 +152,17 @@ def cmd_add(args: argparse.Namespace) -> int:
         head, cursor = _head_cursor(store, spec.name)
         pend = _pending(reg, spec.name, cursor)
         warning = reg.source_warning(spec.name, pend) if pend is not None else None
+    chosen = f"format {fmt}: {inferred}; pass --format to choose another" if inferred else None
     if args.json:
-        print_json({"spec": spec.to_dict(), "pending": pend.to_dict() if pend else None, "warning": warning})
+        print_json({"spec": spec.to_dict(), "pending": pend.to_dict() if pend else None,
+                    "warning": warning, "format_inferred": inferred})
+        if chosen:
+            print(f"note: {chosen}", file=sys.stderr)
         _warn(warning)
         return 0
     print(f"added stream {spec.name} ({spec.format}) <- {_source_str(spec.to_dict()['source'])}")
+    if chosen:
+        print(chosen)
     if pend is not None:
         print(f"pending: {pend.files} files, {_num(pend.docs)} docs, ~{_num(pend.tokens)} tokens "
               f"(held out: {spec.holdout:g} of {_held_unit(spec.heldout_split)}s); "
@@ -261,7 +273,8 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_remove(args: argparse.Namespace) -> int:
     store = open_store(args)
-    with stream_hints(args.store):
+    # A running cycle reads every stream (its own, replay, held-out evaluation): refused meanwhile.
+    with stream_hints(args.store), no_cycle_running(store.engine, f"stream '{args.name}' was not removed; remove it once the cycle has ended"):
         _registry(store).remove(args.name)
     print(f"removed stream {args.name}: its file index, staged data and held-out documents "
           "(source files untouched; committed versions keep their cursors)")
@@ -332,7 +345,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "lifelong --store ./store stream add news ./drop/news --format jsonl --text-field body")
     p.add_argument("name", help="1-64 characters from [A-Za-z0-9._-]")
     p.add_argument("source", nargs="+", help="file, directory (drop folder), glob, or hub dataset name")
-    p.add_argument("--format", choices=FORMATS, default="text")
+    p.add_argument("--format", choices=FORMATS,
+                   help="default: from the files' extensions (.jsonl/.ndjson, .json, .csv, "
+                        ".parquet; anything else is text), said in the output")
     p.add_argument("--text-field", default="text", 
                    help="JSON key / CSV, Parquet or hub column (default: text)")
     p.add_argument("--text-mode", choices=TEXT_MODES, default="line",

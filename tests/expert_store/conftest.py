@@ -1,4 +1,9 @@
-"""Fixtures of the expert store tests: a fresh store and the crash harness."""
+"""Fixtures of the expert store tests: a fresh store on each backend and the crash harness.
+
+``store`` is created on the test's ``backend`` (tests/backends.py): every test that uses
+it runs on SQLite and on PostgreSQL (``pytest -k postgresql``) unless marked
+``sqlite_only``. Reopen it with ``ExpertStore.open(store.path, url=store.url)``.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +12,15 @@ from pathlib import Path
 
 import pytest
 
+from backends import Backend
 from expert_store import ExpertStore
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> ExpertStore:
-    s = ExpertStore.init(tmp_path / "store", {"d_model": 16})
+def store(tmp_path: Path, backend: Backend) -> ExpertStore:
+    s = ExpertStore.init(tmp_path / "store", {"d_model": 16}, url=backend.url)
     yield s
     s.close()
 

@@ -79,7 +79,7 @@ def test_chains_of_deltas_check_out_bit_identical(store: ExpertStore, dtype: tor
         assert [s.id for s in store.shard_chain(new)] == [s.id for s in store.shard_chain(shard)] + [new.id]
         expected[v.id] = after
         shard = new
-    reopened = ExpertStore.open(store.path)
+    reopened = ExpertStore.open(store.path, url=store.url)
     for version_id, want in expected.items():
         assert same_bits(reopened.load_shard(reopened.version(version_id).shards[0]), want)
     assert reopened.verify() == []
@@ -185,6 +185,7 @@ def test_verify_and_load_name_a_corrupt_chain_member(store: ExpertStore, chain, 
         assert store.load_shard(members[0].id) and store.rollback(chain[0].id) == chain[0].id
 
 
+@pytest.mark.sqlite_only
 def test_verify_reports_a_delta_that_does_not_apply(store: ExpertStore, chain) -> None:
     _, v2, v3 = chain
     d1 = v2.shards[0]
@@ -200,6 +201,7 @@ def test_verify_reports_a_delta_that_does_not_apply(store: ExpertStore, chain) -
         store.load_shard(v3.shards[0])
 
 
+@pytest.mark.sqlite_only
 def test_verify_reports_a_delta_row_with_a_missing_base(store: ExpertStore, chain) -> None:
     _, v2, _ = chain
     db = sqlite3.connect(store.path / "store.db")  # foreign keys are off in a bare connection

@@ -25,6 +25,9 @@ from sqlalchemy.orm import Session
 
 from store_testlib import dense, new_shard
 
+# SQLite files, SQLite URLs and read-only mounts; PostgreSQL's bad input is in test_backends.py.
+pytestmark = pytest.mark.sqlite_only
+
 
 def snapshot(path: Path) -> dict[str, str]:
     """Every file under ``path`` with a hash of its bytes (WAL side files excluded)."""

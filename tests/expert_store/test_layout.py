@@ -13,6 +13,7 @@ from expert_store import ExpertStore, NotAStoreError
 from store_testlib import dense, new_shard
 
 
+@pytest.mark.sqlite_only  # the default database is SQLite
 def test_default_store_has_no_url_however_it_is_opened(store: ExpertStore) -> None:
     store.commit(shards=[new_shard(0, 0)], dense=dense(0), message="one", parent=None)
     assert store.url is None

@@ -8,6 +8,7 @@ import sqlite3
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from expert_store import ExistingShard, ExpertStore
@@ -56,6 +57,7 @@ def test_verify_reports_missing_objects_with_their_users(store: ExpertStore) -> 
     assert f"versions: {v1.id}, {v2.id}" in shard.detail
 
 
+@pytest.mark.sqlite_only
 def test_verify_reports_rows_that_point_nowhere(store: ExpertStore) -> None:
     v1 = store.commit(shards=[new_shard(0, 0)], dense=dense(0), message="v1", parent=None)
     v2 = store.commit(shards=[new_shard(1, 4)], dense=dense(1), message="v2", parent=v1.id)

@@ -37,7 +37,7 @@ def test_round_trip_is_bit_identical(store: ExpertStore) -> None:
     optimizer = {"exp_avg": torch.randn(8, generator=torch.Generator().manual_seed(3))}
     v = store.commit(shards=[new_shard(0, 0, frozen=True)], dense=dense(0), message="first",
                      parent=None, metrics={"loss": 1.25}, cursors={"s": [1, 2]}, optimizer=optimizer)
-    reopened = ExpertStore.open(store.path)
+    reopened = ExpertStore.open(store.path, url=store.url)
     info = reopened.version("HEAD")
     assert (info.id, info.message, info.metrics, info.cursors, info.parent) == (v.id, "first", {"loss": 1.25}, {"s": [1, 2]}, None)
     shard = info.shards[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 
 from expert_store import ExpertStore
 
@@ -21,6 +22,7 @@ def test_sigkill_during_commits_leaves_a_consistent_store(crash_store) -> None:
     assert summary.delta_shards > 20 and summary.compactions > 0
 
 
+@pytest.mark.sqlite_only  # opens by path; both backends: test_backends.py
 def test_two_processes_commit_on_the_same_parent(crash_store, store: ExpertStore) -> None:
     crash_store.make_commit(store, step=1, rows=2, d=8, who="setup")
     for round_ in range(3):

@@ -1,4 +1,5 @@
-"""lifelong's tables: cycle rows (abandoned runs), audit rows, and the expiring lease."""
+"""lifelong's tables: cycle rows (abandoned runs), audit rows, and the expiring lease, on SQLite and
+PostgreSQL (the lease across processes: test_shared_store.py)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
@@ -25,10 +27,15 @@ from lifelong.records import (
     utcnow,
 )
 
+from backends import Backend
+
 
 @pytest.fixture
-def engine(tmp_path) -> Engine:
-    return create_engine(f"sqlite:///{tmp_path / 'records.db'}")
+def engine(backend: Backend) -> Iterator[Engine]:
+    """The tables' database: SQLite or PostgreSQL (every test here runs on both)."""
+    engine = create_engine(backend.engine_url("records.db"))
+    yield engine
+    engine.dispose()
 
 
 def cycles(engine: Engine) -> list:
@@ -187,3 +194,22 @@ def test_keep_alive_reports_a_lost_lease_once(engine):
 def test_default_holder_names_the_host_and_process(engine):
     assert holder_name("scheduler") == f"scheduler:{socket.gethostname()}:{os.getpid()}"
     assert Lease(engine).holder == holder_name()
+
+
+def test_lease_times_are_the_database_servers(engine, backend, monkeypatch):
+    """Hosts sharing a PostgreSQL server agree on expiry whatever their clocks say: a host
+    whose clock runs an hour fast neither takes a live lease nor renews one an hour long."""
+    if backend.name != "postgresql":
+        pytest.skip("SQLite is one host's file: its leases use that host's clock")
+    import lifelong.records as records
+
+    steady = Lease(engine, holder="steady", ttl_s=60)
+    steady.acquire()
+    real = records.utcnow
+    monkeypatch.setattr(records, "utcnow", lambda: real() + timedelta(hours=1))  # this host's clock
+    with pytest.raises(LeaseHeldError, match="steady"):
+        Lease(engine, holder="fast-clock").acquire()
+    steady.renew()
+    monkeypatch.setattr(records, "utcnow", real)
+    row = lease_row(engine)
+    assert row.holder == "steady" and row.expires_at < utcnow() + timedelta(seconds=90)

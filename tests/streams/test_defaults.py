@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import pytest
+
 from stream_testlib import docs_of
 from streams import default_sources, register_defaults
 from streams.defaults import materialise_licenses
@@ -18,6 +20,7 @@ def test_licenses_materialised_and_ingested(registry, tmp_path):
     assert docs and any("Permission is hereby granted" in d or "Redistribution" in d for d in docs)
 
 
+@pytest.mark.sqlite_only  # slow (embedded data); the registry's SQL runs on both in test_registry
 def test_register_defaults(registry, tmp_path):
     specs = register_defaults(registry, tmp_path / "cache")
     assert [s.name for s in specs] == ["stdlib", "pydoc", "licenses"]
