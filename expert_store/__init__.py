@@ -41,14 +41,17 @@ from .records import (
     ExistingShard,
     GcResult,
     NewShard,
+    PartInfo,
     Problem,
     RefInfo,
     ReflogEntry,
     ShardInfo,
+    SlicedShard,
     VersionInfo,
 )
 from .residency import Checkout, Residency
 from .schema import SCHEMA_VERSION
+from .slices import Columns
 from .sharing import check_share_marker, write_share_marker
 from .store import ExpertStore
 
@@ -57,6 +60,9 @@ __all__ = [
     "NewShard",
     "ExistingShard",
     "DeltaShard",
+    "SlicedShard",
+    "PartInfo",
+    "Columns",
     "MAX_DELTA_CHAIN",
     "ShardInfo",
     "VersionInfo",

@@ -23,6 +23,7 @@ import torch
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from . import slices
 from .errors import CorruptObjectError, InvalidCommitError, UnknownShardError
 from .objects import ObjectInfo, TensorSpec
 from .records import DeltaShard, ShardInfo, shard_info
@@ -171,7 +172,7 @@ def check_base(store: ExpertStore, shard: DeltaShard) -> ShardInfo:
     members = store.shard_chain(shard.base_shard_id)
     base = members[-1]
     try:
-        spec = store.objects.header(members[0].object_hash)  # deltas never change shapes
+        spec = slices.header(store.objects, members[0])  # deltas never change shapes; the root may be sliced
     except CorruptObjectError as exc:
         raise shard_error(store, base, members[0], exc) from exc
     found = problems(spec, row_specs(shard.rows))
@@ -225,6 +226,8 @@ def load(store: ExpertStore, info: ShardInfo, device: str | torch.device, verify
 def _load_object(store: ExpertStore, info: ShardInfo, member: ShardInfo, device: str | torch.device,
                  verify: bool) -> Tensors:
     try:
+        if member.parts:  # a sliced shard (the root of a chain): its parts assembled
+            return slices.load(store.objects, member, device, verify)
         return store.objects.load(member.object_hash, device, verify)
     except CorruptObjectError as exc:
         raise shard_error(store, info, member, exc) from exc

@@ -63,7 +63,8 @@ class VersionDiff:
             )
             if layer.changed:
                 deltas = sum(new.is_delta for _, new in layer.changed)
-                line += f", ~{len(layer.changed)} changed ({deltas} as deltas)"
+                sliced = sum(new.is_sliced for _, new in layer.changed)
+                line += f", ~{len(layer.changed)} changed ({deltas} as deltas" + (f", {sliced} sliced)" if sliced else ")")
             lines.append(line)
         for name, (old, new) in sorted(self.metrics.items()):
             lines.append(f"  {name}: {old} -> {new}")

@@ -74,12 +74,17 @@ def _cannot(what: str) -> str:
     return f"cannot {_INFINITIVES[verb]} {rest}" if verb in _INFINITIVES else f"cannot finish {what}"
 
 
+def _named(filename: str, what: str) -> bool:
+    """Whether ``what`` already names ``filename`` or a directory holding it (a temp file)."""
+    return any(filename.startswith(word.rstrip(":,;")) for word in what.split() if "/" in word)
+
+
 def os_error(exc: OSError, what: str, outcome: str | None = None) -> StoreError:
     """The store error for ``exc``, met while doing ``what`` (a gerund: "writing object …")."""
     if is_read_only_error(exc):
         tail = f"; {outcome}" if outcome else "; the store is unchanged"
         return ReadOnlyStoreError(f"{_cannot(what)}: {exc.strerror}{tail}")
-    where = f": {exc.filename}" if exc.filename and str(exc.filename) not in what else ""
+    where = f": {exc.filename}" if exc.filename and not _named(str(exc.filename), what) else ""
     message = f"{os_words(exc)} while {what} ({exc.strerror or exc}{where})"
     return StoreWriteError(message + (f"; {outcome}" if outcome else ""), errno=exc.errno)
 

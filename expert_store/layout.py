@@ -85,7 +85,7 @@ def create(path: Path, config: dict[str, Any] | None, url: str | None) -> Connec
 def _remove_new(path: Path, made_dir: bool) -> None:
     """Undo a failed :func:`create` of a default (SQLite) store, as far as the disk allows:
     the directory was absent or empty, so all it holds now is what create made."""
-    for name in (DB_FILE, f"{DB_FILE}-wal", f"{DB_FILE}-shm", f"{DB_FILE}-journal"):
+    for name in (MARKER, DB_FILE, f"{DB_FILE}-wal", f"{DB_FILE}-shm", f"{DB_FILE}-journal"):
         with suppress(OSError):
             (path / name).unlink(missing_ok=True)
     with suppress(OSError):
@@ -148,7 +148,8 @@ def _upgrade_or_read_old(path: Path, engine: Engine, found: int, read_only: bool
     """Upgrade an older database in place; read-only (or unwritable), read it as it is."""
     if not read_only:
         try:
-            with read_only_guard(path):
+            with write_guard(f"upgrading the store database at {path}", "it is unchanged (the upgrade runs again "
+                             "on the next open)", path):
                 upgrade(engine)
             return engine, False
         except ReadOnlyStoreError:

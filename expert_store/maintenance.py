@@ -18,7 +18,7 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from . import delta
+from . import delta, slices
 from .errors import CorruptObjectError, MissingObjectError, StoreError
 from .objects import ObjectStore
 from .records import GcResult, Problem
@@ -50,18 +50,21 @@ def _chain_ids(base_of: dict[int, int | None], shard_id: int) -> list[int]:
 
 def referenced_objects(session: Session) -> dict[str, _Users]:
     """Every object hash any row references, with the shards and versions that need it
-    (a delta shard and its versions need every object of its chain)."""
+    (a delta shard and its versions need every object of its chain; a sliced shard's its parts)."""
     users: dict[str, _Users] = defaultdict(_Users)
     hash_of: dict[int, str] = {}
     base_of: dict[int, int | None] = {}
     for shard_id, hash, base_id in session.execute(select(Shard.id, Shard.object_hash, Shard.base_id)):
         hash_of[shard_id], base_of[shard_id] = hash, base_id
+    parts_of = slices.part_hashes(session)
     for shard_id in hash_of:
         for member in _chain_ids(base_of, shard_id):
-            users[hash_of[member]].shard_ids.add(shard_id)
+            for hash in (hash_of[member], *parts_of.get(member, ())):
+                users[hash].shard_ids.add(shard_id)
     for version_id, shard_id in session.execute(select(VersionShard.version_id, VersionShard.shard_id)):
         for member in _chain_ids(base_of, shard_id):
-            users[hash_of[member]].version_ids.add(version_id)
+            for hash in (hash_of[member], *parts_of.get(member, ())):
+                users[hash].version_ids.add(version_id)
     for version_id, dense, optimizer in session.execute(
         select(Version.id, Version.dense_hash, Version.optimizer_hash)
     ):
@@ -116,10 +119,10 @@ def _check_deltas(session: Session, objects: ObjectStore, broken: set[str]) -> l
             members = delta.chain(session, row.id)
         except StoreError:
             continue  # a missing base is a bad-row already
-        if any(m.object_hash in broken for m in members):
+        if any(h in broken for m in members for h in (m.object_hash, *(p.object_hash for p in m.parts))):
             continue  # reported as a missing or corrupt object already
         try:
-            base = objects.header(members[0].object_hash)
+            base = slices.header(objects, members[0])
             own = objects.header(row.object_hash)
             names = list(delta.decode(dict.fromkeys(own, None)))
             ids = objects.load(row.object_hash, verify=False, names=[f"{n}.{delta.IDS}" for n in names])
@@ -143,6 +146,7 @@ def verify(session: Session, objects: ObjectStore) -> list[Problem]:
     for hash, users in sorted(referenced_objects(session).items()):
         try:
             objects.check(hash)
+            objects.header(hash)  # a right hash can still name a hostile header
         except CorruptObjectError as exc:
             broken.add(hash)
             kind = "missing-object" if isinstance(exc, MissingObjectError) else "corrupt-object"
@@ -157,6 +161,9 @@ def verify(session: Session, objects: ObjectStore) -> list[Problem]:
                     version_ids=tuple(sorted(users.version_ids)),
                 )
             )
+    for shard_id, hash, what in slices.problems(session, objects, broken):
+        shard_ids, version_ids = delta.affected(session, shard_id)
+        problems.append(Problem("bad-slices", what, hash=hash, shard_ids=shard_ids, version_ids=version_ids))
     return problems + _check_deltas(session, objects, broken)
 
 

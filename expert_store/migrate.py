@@ -22,7 +22,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, event, inspect, select, update
 
 from .errors import SchemaVersionError
-from .schema import SCHEMA_VERSION, WRITE, Meta, Shard
+from .schema import SCHEMA_VERSION, WRITE, Meta, Shard, ShardPart
 
 __all__ = ["upgrade", "read_old_schema"]
 
@@ -42,8 +42,15 @@ def _v1_to_v2(conn: Connection) -> None:
             index.create(conn, checkfirst=True)
 
 
+def _v2_to_v3(conn: Connection) -> None:
+    """Sliced shards: the ``shard_parts`` table (+ its index)."""
+    ShardPart.__table__.create(conn, checkfirst=True)
+    for index in ShardPart.__table__.indexes:
+        index.create(conn, checkfirst=True)
+
+
 #: ``{version: step}``: the step that upgrades a database of ``version`` to ``version + 1``.
-STEPS: dict[int, Callable[[Connection], None]] = {1: _v1_to_v2}
+STEPS: dict[int, Callable[[Connection], None]] = {1: _v1_to_v2, 2: _v2_to_v3}
 
 
 def upgrade(engine: Engine) -> int:
@@ -60,9 +67,12 @@ def upgrade(engine: Engine) -> int:
 
 
 #: Per version: SQL of temporary views that present its tables with today's columns.
+_NO_PARTS = ("CREATE TEMP VIEW IF NOT EXISTS shard_parts AS SELECT 0 AS shard_id, 0 AS position, 0 AS col_start, "
+             "0 AS col_end, '' AS object_hash, 0 AS object_bytes WHERE 0")
 _SQLITE_VIEWS: dict[int, list[str]] = {
     1: [("CREATE TEMP VIEW IF NOT EXISTS shards AS SELECT *, NULL AS base_id, 0 AS depth, "
-         "bytes AS object_bytes FROM main.shards")],
+         "bytes AS object_bytes FROM main.shards"), _NO_PARTS],
+    2: [_NO_PARTS],
 }
 
 

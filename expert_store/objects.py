@@ -309,7 +309,13 @@ class ObjectStore:
         first when ``verify``. The header is checked in full first (see :meth:`header`)."""
         if verify:
             self.check(hash)
-        specs = self.header(hash)
+        try:
+            specs = self.header(hash)
+        except CorruptObjectError as exc:
+            if isinstance(exc, MissingObjectError) or "invalid header" not in str(exc):
+                raise
+            raise CorruptObjectError(str(exc).replace("has an invalid header", "cannot be parsed: invalid header", 1),
+                                     hash=hash) from exc
         if names is not None and not set(names) <= specs.keys():
             unknown = ", ".join(repr(n) for n in sorted(set(names) - specs.keys()))
             raise CorruptObjectError(f"object {hash} has no tensor {unknown}", hash=hash)

@@ -19,6 +19,8 @@ __all__ = [
     "NewShard",
     "ExistingShard",
     "DeltaShard",
+    "SlicedShard",
+    "PartInfo",
     "ShardInfo",
     "VersionInfo",
     "RefInfo",
@@ -67,6 +69,37 @@ class DeltaShard:
 
 
 @dataclass(frozen=True)
+class PartInfo:
+    """A column slice of a sliced shard, written as its own object (:meth:`ExpertStore.write_part`):
+    columns ``[col_start, col_end)`` (along dim 1) of each of the shard's split tensors."""
+
+    col_start: int
+    col_end: int
+    object_hash: str
+    object_bytes: int  # tensor payload bytes of the part's object
+
+
+@dataclass
+class SlicedShard:
+    """A new shard whose tensors were written in column slices, e.g. by the processes of an
+    expert-parallel run, each its own columns: nothing ever holds the whole shard.
+
+    ``parts`` (already written with :meth:`ExpertStore.write_part`) tile the columns of the
+    split tensors from 0, in order; ``tensors`` (e.g. row keys) are stored whole, as the
+    shard's own object. Loaded, the shard has both, the split tensors assembled (see
+    :mod:`expert_store.slices`).
+    """
+
+    layer: str
+    row_start: int
+    row_end: int
+    n_experts: int
+    tensors: dict[str, torch.Tensor]
+    parts: list[PartInfo]
+    frozen: bool = False
+
+
+@dataclass(frozen=True)
 class ShardInfo:
     """A stored shard (one row of ``shards``)."""
 
@@ -83,7 +116,8 @@ class ShardInfo:
     created_at: datetime
     base_id: int | None = None  # the shard this one is a delta on; None for a full shard
     depth: int = 0  # deltas between this shard and its full base (0 for a full shard)
-    object_bytes: int = 0  # tensor payload bytes of this shard's own object (the delta's)
+    object_bytes: int = 0  # tensor payload bytes of this shard's own objects (the delta's; a sliced shard's with its parts)
+    parts: tuple[PartInfo, ...] = ()  # a sliced shard's column slices; empty for any other
 
     @property
     def rows(self) -> int:
@@ -92,6 +126,10 @@ class ShardInfo:
     @property
     def is_delta(self) -> bool:
         return self.base_id is not None
+
+    @property
+    def is_sliced(self) -> bool:
+        return bool(self.parts)
 
 
 @dataclass(frozen=True)
@@ -153,7 +191,7 @@ class ReflogEntry:
 class Problem:
     """One finding of :meth:`ExpertStore.verify`."""
 
-    kind: str  # "missing-object" | "corrupt-object" | "bad-row" | "bad-delta"
+    kind: str  # "missing-object" | "corrupt-object" | "bad-row" | "bad-delta" | "bad-slices"
     detail: str
     hash: str | None = None
     shard_ids: tuple[int, ...] = ()
@@ -195,6 +233,7 @@ def shard_info(row: Shard) -> ShardInfo:
         base_id=row.base_id,
         depth=row.depth or 0,
         object_bytes=row.bytes if row.object_bytes is None else row.object_bytes,
+        parts=tuple(PartInfo(p.col_start, p.col_end, p.object_hash, p.object_bytes) for p in row.parts),
     )
 
 

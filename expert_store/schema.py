@@ -40,13 +40,14 @@ from sqlalchemy import (
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
-from .errors import DatabaseUnreachableError, NotAStoreError, SchemaVersionError
+from .errors import DatabaseUnreachableError, NotAStoreError, OversizedValueError, SchemaVersionError
 
 __all__ = [
     "SCHEMA_VERSION",
     "Base",
     "Meta",
     "Shard",
+    "ShardPart",
     "Version",
     "VersionShard",
     "Ref",
@@ -61,7 +62,8 @@ __all__ = [
 
 #: Bumped on every change of the tables below; older databases are upgraded on open
 #: (:mod:`.migrate`). 2: ``shards.base_id``, ``depth``, ``object_bytes`` (delta shards).
-SCHEMA_VERSION = 2
+#: 3: ``shard_parts`` (sliced shards, :mod:`.slices`).
+SCHEMA_VERSION = 3
 
 #: Execution option that marks a connection as a writer (``BEGIN IMMEDIATE`` on SQLite).
 WRITE = "expert_store_write"
@@ -110,6 +112,21 @@ class Shard(Base):
     base_id: Mapped[int | None] = mapped_column(ForeignKey("shards.id"), nullable=True, index=True)
     depth: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     object_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    parts: Mapped[list[ShardPart]] = relationship(order_by="ShardPart.position", lazy="selectin")
+
+
+class ShardPart(Base):
+    """A column slice of a sliced shard's split tensors, as its own object (see :mod:`.slices`):
+    columns ``[col_start, col_end)`` along dim 1. A sliced shard's own object holds the
+    tensors that are not split; its parts, in ``position`` order, tile the columns from 0."""
+
+    __tablename__ = "shard_parts"
+    shard_id: Mapped[int] = mapped_column(ForeignKey("shards.id"), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)
+    col_start: Mapped[int] = mapped_column(Integer)
+    col_end: Mapped[int] = mapped_column(Integer)
+    object_hash: Mapped[str] = mapped_column(String(64), index=True)
+    object_bytes: Mapped[int] = mapped_column(BigInteger)  # tensor payload bytes of the part's object
 
 
 class Version(Base):
@@ -190,18 +207,38 @@ def make_engine(url: str) -> Engine:
     try:
         parsed = make_url(url)
         if parsed.get_backend_name() == "sqlite":
-            engine = create_engine(parsed)
+            engine = create_engine(parsed, json_deserializer=bounded_json)
             _configure_sqlite(engine)
             return engine
         connect_args: dict[str, Any] = {}
         if parsed.get_backend_name() == "postgresql" and "connect_timeout" not in parsed.query:
             connect_args["connect_timeout"] = SERVER_CONNECT_TIMEOUT_S
-        return create_engine(parsed, pool_pre_ping=True, connect_args=connect_args, json_serializer=strict_json)
+        json_args: dict[str, Any] = {"json_serializer": strict_json}
+        if parsed.get_backend_name() in ("postgresql", "mysql", "mariadb"):  # dialects that take a deserializer
+            json_args["json_deserializer"] = bounded_json
+        return create_engine(parsed, pool_pre_ping=True, connect_args=connect_args, **json_args)
     except (NoSuchModuleError, ImportError) as exc:  # an unknown dialect, a driver not installed
         extra = " (pip install 'lifelong[postgresql]')" if "postgres" in str(url) else ""
         raise DatabaseUnreachableError(f"cannot use database URL {_shown(make_url(url))}: {exc}{extra}") from exc
     except ArgumentError as exc:
         raise DatabaseUnreachableError(f"invalid database URL: {exc}") from exc
+
+
+#: Largest JSON value (a version's metrics, config or cursors; any JSON column on the engine)
+#: the store parses, in bytes of text; a larger one is refused unparsed (and refused at commit).
+MAX_JSON_BYTES = 64 * 2**20
+
+
+def bounded_json(text: str | bytes) -> Any:
+    """``json.loads`` of a JSON column's text, refusing text over :data:`MAX_JSON_BYTES`
+    (:class:`OversizedValueError`): a damaged or hostile database must not make the process
+    build a structure of gigabytes."""
+    if len(text) > MAX_JSON_BYTES:
+        raise OversizedValueError(
+            f"a JSON value in the store database is {len(text) / 2**20:.1f} MiB, over the "
+            f"{MAX_JSON_BYTES / 2**20:.0f} MiB the store parses; refusing to load it (a damaged or hostile database?)"
+        )
+    return json.loads(text)
 
 
 def strict_json(value: Any) -> str:

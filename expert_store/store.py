@@ -29,7 +29,7 @@ import torch
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from . import delta, layout, maintenance
+from . import delta, layout, maintenance, slices
 from .diff import VersionDiff, diff_versions
 from .errors import CorruptObjectError, ReadOnlyStoreError, UnknownShardError, UnknownVersionError
 from .ioerrors import write_guard
@@ -41,10 +41,12 @@ from .records import (
     ExistingShard,
     GcResult,
     NewShard,
+    PartInfo,
     Problem,
     RefInfo,
     ReflogEntry,
     ShardInfo,
+    SlicedShard,
     VersionInfo,
     ref_info,
     reflog_entry,
@@ -157,7 +159,7 @@ class ExpertStore:
     def commit(
         self,
         *,
-        shards: Sequence[NewShard | ExistingShard | DeltaShard],
+        shards: Sequence[NewShard | ExistingShard | DeltaShard | SlicedShard],
         dense: dict[str, torch.Tensor],
         message: str,
         parent: int | None,
@@ -179,6 +181,8 @@ class ExpertStore:
         A :class:`DeltaShard` is checked against its stored base before anything is
         written, then stored as a delta object, or, when its chain would pass
         :data:`~expert_store.delta.MAX_DELTA_CHAIN` deltas, as the full tensors (compaction).
+        A :class:`SlicedShard`'s parts (written before, :meth:`write_part`) are checked to
+        exist and fit together; its whole tensors are written as its own object.
         """
         self._require_writable()
         metrics = check_json("metrics", metrics)
@@ -186,12 +190,13 @@ class ExpertStore:
         config = check_json("config", config)
         check_tensors(shards, dense)
         bases = {id(s): delta.check_base(self, s) for s in shards if isinstance(s, DeltaShard)}
+        sliced = {id(s): slices.check(self.objects, s) for s in shards if isinstance(s, SlicedShard)}
 
         jobs: dict[object, Callable[[], tuple[ObjectInfo, bool]]] = {"dense": partial(_put, self.objects, dense)}
         if optimizer:
             jobs["optimizer"] = partial(_put, self.objects, optimizer)
         for s in shards:
-            if isinstance(s, NewShard):
+            if isinstance(s, (NewShard, SlicedShard)):
                 jobs[id(s)] = partial(_put, self.objects, s.tensors)
             elif isinstance(s, DeltaShard):
                 jobs[id(s)] = partial(delta.write, self, s, bases[id(s)])
@@ -212,7 +217,9 @@ class ExpertStore:
                     if row is None:
                         raise UnknownShardError(f"shard {shard.shard_id} does not exist")
                 else:
-                    row = _shard_row(shard, *written[id(shard)], bases.get(id(shard)), created_by, now)
+                    row = (slices.shard_row(shard, written[id(shard)][0].hash, sliced[id(shard)], created_by, now)
+                           if isinstance(shard, SlicedShard) else
+                           _shard_row(shard, *written[id(shard)], bases.get(id(shard)), created_by, now))
                     session.add(row)
                 rows.append(row)
             check_overlaps(rows)
@@ -335,18 +342,36 @@ class ExpertStore:
 
     # ---------------------------------------------------------------- loading
 
+    def write_part(self, col_start: int, col_end: int, tensors: Mapping[str, torch.Tensor]) -> PartInfo:
+        """Write columns ``[col_start, col_end)`` (dim 1) of a shard's split tensors as an
+        object, for a later :class:`SlicedShard` (see :mod:`.slices`). Several processes may
+        write parts at once; a part no version names is removed by :meth:`gc`."""
+        self._require_writable()
+        slices.check_part(col_start, col_end, tensors)
+        with write_guard(f"writing columns {col_start}..{col_end} of a shard into {self.objects.root}", NOTHING_COMMITTED):
+            obj = self.objects.put(tensors)
+        return PartInfo(col_start, col_end, obj.hash, obj.payload_bytes)
+
     def load_shard(self, shard: int | ShardInfo, device: str | torch.device = "cpu", verify: bool = True,
-                   *, resident: Mapping[int, Tensors] | None = None) -> Tensors:
+                   *, resident: Mapping[int, Tensors] | None = None, columns: slices.Columns | None = None) -> Tensors:
         """The tensors of a shard on ``device``, a delta shard's chain applied (bit-identical).
 
         Every object read is re-hashed when ``verify``; :class:`CorruptObjectError` names
         the shard, the chain member at fault and the versions that need it. ``resident``
         (shard id -> tensors in memory that equal the stored ones, e.g. a
         :class:`Residency`'s): the newest shard of the chain found there is copied instead
-        of read, and only the deltas after it are read and applied.
+        of read, and only the deltas after it are read and applied. ``columns``: only those
+        columns of the tensors it names (a sliced shard reads only the parts that hold them,
+        a full one only those columns; a delta shard is loaded whole, then cut).
         """
         info = shard if isinstance(shard, ShardInfo) else self.shard(shard)
-        return delta.load(self, info, device, verify, resident)
+        if columns is None or info.base_id is not None:
+            tensors = delta.load(self, info, device, verify, resident)
+            return tensors if columns is None else slices.cut(tensors, columns)
+        try:
+            return slices.load(self.objects, info, device, verify, columns)
+        except CorruptObjectError as exc:
+            raise delta.shard_error(self, info, info, exc) from exc
 
     def load_dense(self, version: Spec = HEAD, device: str | torch.device = "cpu", verify: bool = True) -> dict[str, torch.Tensor]:
         """The dense (non-expert) weights of a version."""

@@ -8,23 +8,27 @@ from typing import Any
 
 import torch
 
-from .errors import InvalidCommitError
-from .records import DeltaShard, ExistingShard, NewShard
-from .schema import Shard
+from .errors import InvalidCommitError, OversizedValueError
+from .records import DeltaShard, ExistingShard, NewShard, SlicedShard
+from .schema import MAX_JSON_BYTES, Shard
 
 __all__ = ["check_json", "check_new_shard", "check_delta_shard", "check_tensors", "check_overlaps", "dtype_name"]
 
 
 def check_json(name: str, value: Any) -> dict[str, Any]:
-    """``value`` (None -> ``{}``) if it is a JSON-serialisable dict."""
+    """``value`` (None -> ``{}``) if it is a JSON-serialisable dict of at most
+    :data:`~expert_store.schema.MAX_JSON_BYTES` (what the store would refuse to read back)."""
     if value is None:
         return {}
     if not isinstance(value, dict):
         raise InvalidCommitError(f"{name} must be a dict, not {type(value).__name__}")
     try:
-        json.dumps(value)
+        text = json.dumps(value)
     except (TypeError, ValueError) as exc:
         raise InvalidCommitError(f"{name} is not JSON-serialisable: {exc}") from exc
+    if len(text) > MAX_JSON_BYTES:
+        raise OversizedValueError(f"{name} is {len(text) / 2**20:.1f} MiB of JSON, over the "
+                                  f"{MAX_JSON_BYTES / 2**20:.0f} MiB the store accepts; nothing was written")
     return value
 
 
@@ -67,8 +71,9 @@ def check_delta_shard(shard: DeltaShard) -> None:
             )
 
 
-def check_tensors(shards: Sequence[NewShard | ExistingShard | DeltaShard], dense: dict[str, torch.Tensor]) -> None:
-    """Shards are NewShard/ExistingShard/DeltaShard, new ones well formed; dense weights present."""
+def check_tensors(shards: Sequence[NewShard | ExistingShard | DeltaShard | SlicedShard], dense: dict[str, torch.Tensor]) -> None:
+    """Shards are NewShard/ExistingShard/DeltaShard/SlicedShard, new ones well formed (a
+    sliced one is checked with its parts: :func:`expert_store.slices.check`); dense weights present."""
     if not dense:
         raise InvalidCommitError("dense weights are empty; a version needs its dense weights")
     for shard in shards:
@@ -76,9 +81,9 @@ def check_tensors(shards: Sequence[NewShard | ExistingShard | DeltaShard], dense
             check_new_shard(shard)
         elif isinstance(shard, DeltaShard):
             check_delta_shard(shard)
-        elif not isinstance(shard, ExistingShard):
+        elif not isinstance(shard, (ExistingShard, SlicedShard)):
             raise InvalidCommitError(
-                f"shards must be NewShard, ExistingShard or DeltaShard, not {type(shard).__name__}"
+                f"shards must be NewShard, ExistingShard or DeltaShard (or SlicedShard), not {type(shard).__name__}"
             )
 
 

@@ -17,26 +17,35 @@ and commits each row range as cheaply as is exact:
   shard; at most ``DELTA_MAX_SHARE`` of its rows changed (a sparse update) -> a
   ``DeltaShard`` of just those rows on top of it; otherwise written anew.
 
+Expert parallel (each process holds a column slice of every table): every process writes its
+columns of each shard to be written as a part (:func:`write_slices`), and the committing one
+commits a ``SlicedShard`` naming every process's parts, so no process ever holds a whole
+table; the stored shard reads back whole (or as any column slice) at any world size, and a
+sliced checkout (``expert_slice``) reads only its columns. Sliced commits write no deltas.
+
 On checkout, frozen shards stay resident (as views of the layer's table) so moving between
 versions that share them reads only the differing shards from disk.
 """
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from expert_store import DeltaShard, ExistingShard, ExpertStore, NewShard, Residency, StoreError, VersionInfo
+from expert_store import (Columns, DeltaShard, ExistingShard, ExpertStore, NewShard, PartInfo, Residency, SlicedShard,
+                          StoreError, StoreWriteError, VersionInfo)
 
 from .config import ModelConfig, config_from_dict, config_to_dict
 from .errors import LifelongError
 from .model import PEERLM, resolve_device
 from .peer import PEERLayer, Shard
 
-__all__ = ["ShardMap", "commit_model", "checkout_model", "init_store", "StoreMismatchError"]
+__all__ = ["ShardMap", "commit_model", "checkout_model", "write_slices", "init_store", "StoreMismatchError"]
 
 _GROWING = ("n_rows",)  # config fields that change as the model grows
 
@@ -98,6 +107,11 @@ def _check_matches(store: ExpertStore, model: PEERLM) -> None:
 DELTA_MAX_SHARE = 0.25  # a changed shard is stored as a delta while at most this share of its rows changed
 
 
+def _frozen_since(origin: ShardMap | None, key: RowRange, shard: Shard) -> bool:
+    """Frozen in ``origin`` and now: never written since, so committed as the stored shard."""
+    return origin is not None and key in origin.shards and shard.frozen and key in origin.frozen
+
+
 def _stored_as(store: ExpertStore, origin: ShardMap | None, key: RowRange, shard: Shard,
                tensors: dict[str, torch.Tensor]) -> ExistingShard | DeltaShard | None:
     """How to commit ``shard``: as the stored shard it still is, as a delta of the few rows that
@@ -105,8 +119,8 @@ def _stored_as(store: ExpertStore, origin: ShardMap | None, key: RowRange, shard
     if origin is None or key not in origin.shards:
         return None
     shard_id = origin.shards[key]
-    if shard.frozen and key in origin.frozen:
-        return ExistingShard(shard_id)  # frozen then and now: never written since
+    if _frozen_since(origin, key, shard):
+        return ExistingShard(shard_id)
     try:  # trainable in that version: compare with the stored bytes, row by row
         stored = store.load_shard(shard_id, verify=False)
     except StoreError:
@@ -134,6 +148,46 @@ def _shard_tensors(layer: PEERLayer, shard: Shard) -> dict[str, torch.Tensor]:
     }
 
 
+def write_slices(store: ExpertStore, model: PEERLM, origin: ShardMap | None = None) -> dict[RowRange, PartInfo]:
+    """Expert parallel, on every process: write this process's columns of ``u`` and ``v`` of
+    each shard the commit writes (all but those frozen since ``origin``) as parts. The parts
+    of every process, gathered, go to :func:`commit_model` as ``slices``."""
+    out: dict[RowRange, PartInfo] = {}
+    for name, layer in model.peer_layers().items():
+        sl = layer.expert_slice
+        if sl is None:
+            continue
+        n2 = layer.n_cols
+        for shard in layer.shards:
+            key = (name, shard.row_start, shard.row_end)
+            if not _frozen_since(origin, key, shard):
+                a, b = shard.row_start * n2, shard.row_end * n2
+                out[key] = store.write_part(sl.lo, sl.hi, {"u": layer.expert_u[a:b], "v": layer.expert_v[a:b]})  # (r*n2, d/P)
+    return out
+
+
+def _sliced(store: ExpertStore, origin: ShardMap | None, key: RowRange, shard: Shard, layer: PEERLayer,
+            slices: dict[RowRange, list[PartInfo]] | None) -> ExistingShard | SlicedShard:
+    """How to commit a shard of a sliced layer: the stored shard (frozen since, or the same
+    parts and row keys), else a sliced shard of every process's parts."""
+    if _frozen_since(origin, key, shard):
+        return ExistingShard(origin.shards[key])  # type: ignore[union-attr]
+    if slices is None or key not in slices:
+        raise LifelongError(f"layer {key[0]} rows {key[1]}..{key[2]}: its experts are split across processes but no "
+                            "process wrote its columns (write_slices on every process before the commit)")
+    row_keys = layer.all_row_keys().detach()[shard.row_start : shard.row_end].contiguous()  # (r, dk/2)
+    parts = list(slices[key])
+    stored = next((s for s in origin.version.shards if s.id == origin.shards.get(key)), None) if origin else None
+    if stored is not None and stored.is_sliced and [(p.col_start, p.col_end, p.object_hash) for p in stored.parts] == [
+            (p.col_start, p.col_end, p.object_hash) for p in parts]:  # unchanged: reuse (reads the row keys only)
+        kept = store.load_shard(stored, columns=Columns(0, 0, ("u", "v")))
+        if kept.keys() == {"row_keys", "u", "v"} and torch.equal(kept["row_keys"], row_keys.cpu()):
+            return ExistingShard(stored.id)
+    return SlicedShard(layer=key[0], row_start=shard.row_start, row_end=shard.row_end,
+                       n_experts=(shard.row_end - shard.row_start) * layer.n_cols, tensors={"row_keys": row_keys},
+                       parts=parts, frozen=shard.frozen)
+
+
 def commit_model(
     store: ExpertStore,
     model: PEERLM,
@@ -147,6 +201,7 @@ def commit_model(
     created_by: str | None = None,
     optimizer: dict[str, torch.Tensor] | None = None,
     run_config: dict[str, Any] | None = None,
+    slices: dict[RowRange, list[PartInfo]] | None = None,
 ) -> ShardMap:
     """Commit ``model`` as a new version on top of ``parent`` (default: HEAD) and move ``ref``.
 
@@ -155,14 +210,19 @@ def commit_model(
     :attr:`TrainResult.optimizer_state`) is stored with the version so that the next training
     run can resume its optimizer state; ``run_config`` (the resolved config of the run that
     made the version, e.g. the cycle's) goes into the version's config as ``"run"``.
+    ``slices`` (expert parallel: every process's :func:`write_slices`, gathered, each row
+    range's parts in column order) commits the shards of sliced layers from their parts.
     Returns the new version's :class:`ShardMap`.
     """
     _check_matches(store, model)
     if parent == "HEAD":
         parent = store.head()
-    shards: list[NewShard | ExistingShard | DeltaShard] = []
+    shards: list[NewShard | ExistingShard | DeltaShard | SlicedShard] = []
     for name, layer in model.peer_layers().items():
         for shard in layer.shards:
+            if layer.expert_slice is not None:  # no process holds the whole table: commit the parts
+                shards.append(_sliced(store, origin, (name, shard.row_start, shard.row_end), shard, layer, slices))
+                continue
             tensors = _shard_tensors(layer, shard)
             stored = _stored_as(store, origin, (name, shard.row_start, shard.row_end), shard, tensors)
             if stored is not None:
@@ -214,31 +274,42 @@ def checkout_model(
     *,
     device: str | torch.device | None = None,
     residency: Residency | None = None,
+    expert_slice: tuple[int, int, Any] | None = None,
 ) -> tuple[PEERLM, ShardMap]:
     """Build the model of version ``spec`` on ``device`` (default: GPU if there is one).
 
     Returns the model and its :class:`ShardMap` (``.version`` is the version's info): pass
     that to :func:`commit_model`. Pass the same ``residency`` across checkouts to reuse
     resident frozen shards; its byte budget (if any) is enforced before anything is loaded.
+    ``expert_slice`` (rank, world, process group): expert parallel, only this rank's columns
+    of every expert table are read (:meth:`PEERLayer.slice_experts`; no residency).
     """
     info = store.version(spec)
     device = resolve_device(device)
-    residency = residency or Residency(store, device)
-    checkout = residency.checkout(info)
     cfg = config_from_dict(ModelConfig, info.config["model"])
     geometry: dict[str, dict[str, Any]] = info.config.get("layers", {})
     with torch.device("meta"):
         model = PEERLM(cfg)
     layers = model.peer_layers()
+    if expert_slice is None:
+        residency = residency or Residency(store, device)
+        loaded = residency.checkout(info).layers
+    else:
+        loaded = {}
+        for name, layer in layers.items():
+            layer.slice_experts(*expert_slice)  # on meta tensors: sets the slice, nothing is allocated
+            sl = layer.expert_slice
+            loaded[name] = [(s, store.load_shard(s, device, columns=Columns(sl.lo, sl.hi, ("u", "v"))))  # type: ignore[union-attr]
+                            for s in info.shards if s.layer == name]
     for name, layer in layers.items():
         geo = geometry.get(name)
-        parts = checkout.layers.get(name)
+        parts = loaded.get(name)
         if geo is None or not parts:
             raise LifelongError(f"version {info.id} has no shards for PEER layer {name}")
         parts = sorted(parts, key=lambda p: p[0].row_start)
         row_keys = torch.cat([t["row_keys"] for _, t in parts]).to(device)  # (n1, dk/2)
-        u = torch.cat([t["u"] for _, t in parts]).to(device)  # (N, d)
-        v = torch.cat([t["v"] for _, t in parts]).to(device)  # (N, d)
+        u = torch.cat([t["u"] for _, t in parts]).to(device)  # (N, d), or (N, d/P) when sliced
+        v = torch.cat([t["v"] for _, t in parts]).to(device)  # (N, d), or (N, d/P)
         frozen_rows = int(geo["frozen_rows"])
         shards = [Shard(s.row_start, s.row_end, frozen=s.row_end <= frozen_rows) for s, _ in parts]
         layer.load_tables(row_keys, frozen_rows, u, v, shards)
@@ -249,7 +320,7 @@ def checkout_model(
         # Keep frozen shards resident as views of the table (one copy in memory); drop
         # trainable ones: training changes them, so they cannot be reused as stored.
         n2 = layer.n_cols
-        for s, _ in parts:
+        for s, _ in parts if expert_slice is None else ():
             if s.row_end <= frozen_rows:
                 residency.adopt(s.id, {"row_keys": row_keys[s.row_start : s.row_end], "u": u[s.row_start * n2 : s.row_end * n2], "v": v[s.row_start * n2 : s.row_end * n2]})
             else:
@@ -274,8 +345,21 @@ def checkout_model(
 
 
 def init_store(path: str, config: ModelConfig, *, url: str | None = None, seed: int = 0) -> tuple[ExpertStore, VersionInfo]:
-    """Create a store holding a fresh model built from ``config`` as its first version."""
+    """Create a store holding a fresh model built from ``config`` as its first version.
+
+    All or nothing for a store in its own directory (the default SQLite database): when the
+    first commit fails (disk full) the new store is removed again, so running it again works.
+    """
     torch.manual_seed(seed)
     model = PEERLM(config)
+    new_dir = not Path(path).exists() or not any(Path(path).iterdir())
     store = ExpertStore.init(path, config={"model": config_to_dict(config)}, url=url)
-    return store, commit_model(store, model, message="init: fresh model", parent=None).version
+    try:
+        return store, commit_model(store, model, message="init: fresh model", parent=None).version
+    except BaseException as exc:
+        store.close()
+        if url is None and new_dir:  # everything in it is what init just made
+            shutil.rmtree(path, ignore_errors=True)
+            if isinstance(exc, StoreWriteError):
+                raise exc.with_outcome("no store was created") from exc
+        raise

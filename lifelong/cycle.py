@@ -17,13 +17,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import numpy as np
 import torch
+from sqlalchemy.exc import SQLAlchemyError
 
 from expert_store import ConflictError, ExpertStore, VersionInfo
-from streams import StreamRegistry, pack_blocks
+from streams import StreamError, StreamRegistry, pack_blocks
 
 from .checkpoint import checkout_model, commit_model
 from .config import CycleConfig, config_to_dict
@@ -35,7 +36,7 @@ from .subspace import record_inputs
 from .model import PEERLM, resolve_device, sample_text
 from .monitor import Monitor
 from .peer import recording
-from .records import Lease, finish_cycle, holder_name, start_cycle
+from .records import Lease, committed_outcome, finish_cycle, holder_name, start_cycle
 from .train import TrainResult, mixed_batches, replay_rows, train
 
 if TYPE_CHECKING:
@@ -129,18 +130,17 @@ def run_cycle(
     if dist is not None and should_stop is not None:  # a stop on any rank stops every rank at the same point
         local_stop = should_stop
         should_stop = lambda: dist.any(local_stop())  # noqa: E731
-    with _lease(store, holder, wait_s, dist) as lease:
+    with _lease(store, holder, wait_s, dist, log) as lease:
         parent, data, cfg = _on_main(dist, lambda: _prepare(store, registry, stream, cfg, log))  # ingest
-        with _cycle_row(store, stream, cfg, parent.id, holder, dist) as row:
+        with _cycle_row(store, stream, cfg, parent.id, holder, dist, log) as row:
             c = _Cycle(row.id, store, registry, stream, cfg, parent, resolve_device(device), should_stop, monitor, progress, log, dist)
-            model, origin = checkout_model(store, parent.id, device=c.device)
-            mc = model.config
             if dist is not None:  # bad layouts fail here, before any training
                 from .distributed import check_layout
 
-                check_layout(dist.world, cfg.train.batch_size, mc.d_model, dist.expert_parallel)
-                if dist.expert_parallel:
-                    dist.slice_experts(model)
+                check_layout(dist.world, cfg.train.batch_size, parent.config.get("model", {}).get("d_model"), dist.expert_parallel)
+            # expert parallel: each rank reads only its columns of the expert tables
+            model, origin = checkout_model(store, parent.id, device=c.device, expert_slice=dist.expert_slice if dist else None)
+            mc = model.config
             new_blocks = data.blocks(mc.block_size, seed=cfg.seed).astype(np.int64)
             log(f"cycle {c.id}: stream '{stream}', {data.train_docs} docs / {data.train_token_count} tokens new "
                 f"({len(new_blocks)} blocks), policy {cfg.policy}, parent version {parent.id}")
@@ -181,30 +181,35 @@ def run_cycle(
             ref = f"candidate/{c.id}" if guard_failed else "HEAD"
             if should_stop is not None and should_stop():
                 raise CycleInterrupted(f"cycle {c.id} stopped before its commit; no version was committed")
-            if lease.lost is not None:  # another process may run a cycle now: do not commit beside it
-                raise lease.lost
+            # Expert parallel: every rank writes its columns of the shards to commit; rank 0 gets their hashes.
+            slices = dist.write_slices(store, model, origin) if dist is not None and dist.expert_parallel else None
+
             def commit(to: str) -> VersionInfo:  # the version, the stream's new cursor and the ref move in one transaction
-                if dist is not None and not dist.is_main:
-                    return dist.broadcast()  # rank 0 commits; the others never write to the store
-                info = commit_model(
+                return commit_model(
                     store, model, origin=origin, parent=parent.id, ref=to, metrics=metrics,
                     cursors={**parent.cursors, stream: data.new_cursor}, optimizer=trained.optimizer_state,
                     message=f"cycle {c.id}: {stream} ({cfg.policy}, +{growth.info['grown_rows']} rows/layer)",
                     created_by=f"cycle:{c.id}", run_config={"cycle": config_to_dict(dataclasses.replace(cfg, train=trained.config))},
+                    slices=slices,
                 ).version
-                return dist.broadcast(info) if dist is not None else info
 
-            if dist is not None and dist.expert_parallel:
-                dist.gather_experts(model)  # rank 0 writes whole rows: the version checks out at any world size
-            try:
-                version = commit(ref)  # commit
-            except ConflictError:  # HEAD moved meanwhile (a rollback): keep the work beside it, never over it
-                if ref != "HEAD":
-                    raise
-                ref, moved = f"candidate/{c.id}", store.head()
-                version = commit(ref)  # its objects are written already: only the rows are new
-                row.outcome = ("candidate", version.id, {"ref": ref, "reason": f"HEAD moved from {parent.id} to {moved}"})
-                raise _head_moved(store, c.id, parent.id, moved, version.id, ref, stream)
+            def commit_or_keep() -> _Committed:  # rank 0 alone writes the store
+                if lease.lost is not None:  # another process may run a cycle now: do not commit beside it
+                    raise lease.lost
+                try:
+                    return _Committed(commit(ref), ref)
+                except ConflictError:  # HEAD moved meanwhile (a rollback): keep the work beside it, never over it
+                    if ref != "HEAD":
+                        raise
+                    moved = store.head()
+                    return _Committed(commit(f"candidate/{c.id}"), f"candidate/{c.id}", True, moved)  # objects written already
+
+            done = _on_main(dist, commit_or_keep)  # commit; every rank ends the same way: the version, or rank 0's error
+            version = done.version
+            if done.head_moved:
+                ref = done.ref
+                row.outcome = ("candidate", version.id, {"ref": ref, "reason": f"HEAD moved from {parent.id} to {done.head}"})
+                raise _head_moved(store, c.id, parent.id, done.head, version.id, ref, stream)
             row.outcome = ("candidate" if guard_failed else "committed", version.id, {"ref": ref})
             if guard_failed:  # guard: HEAD did not move
                 log(f"guard: forgetting {worst:.3f} nats > max_forgetting {cfg.max_forgetting}: version {version.id} kept as "
@@ -212,8 +217,18 @@ def run_cycle(
             matrix.versions[-1] = version.id
             _log_cycle(c, model, metrics, matrix, usage_counts, usage_blocks)
         if dist is None or dist.is_main:
-            registry.clear_staged(stream)
+            _bookkeeping(log, f"clearing the staged data of stream '{stream}'", lambda: registry.clear_staged(stream))
     return CycleResult(c.id, stream, cfg.policy, version.id, parent.id, ref, metrics, time.perf_counter() - t_start)
+
+
+class _Committed(NamedTuple):
+    """What rank 0's commit did, handed to every rank: the version and its ref, and whether
+    HEAD had moved (to ``head``) so that the version was kept as a candidate instead."""
+
+    version: VersionInfo
+    ref: str
+    head_moved: bool = False
+    head: int | None = None
 
 
 def _head_moved(store: ExpertStore, cycle_id: int, parent: int, head: int | None, version: int, ref: str, stream: str) -> HeadMovedError:
@@ -235,9 +250,11 @@ class _NoLease:
 
 
 @contextmanager
-def _lease(store: ExpertStore, holder: str, wait_s: float, dist: Dist | None) -> Iterator[Lease | _NoLease]:
+def _lease(store: ExpertStore, holder: str, wait_s: float, dist: Dist | None,
+           log: Callable[[str], None] = print) -> Iterator[Lease | _NoLease]:
     """The cycle lease, kept alive while inside; with several processes rank 0 holds it
-    (and releases it on any exit), the others wait for rank 0 to have it."""
+    (and releases it on any exit), the others wait for rank 0 to have it. A release that
+    fails (disk full) is a warning: the lease of a dead holder is released by the next cycle."""
     if dist is not None and not dist.is_main:
         dist.on_main(lambda: None)
         yield _NoLease()
@@ -248,7 +265,18 @@ def _lease(store: ExpertStore, holder: str, wait_s: float, dist: Dist | None) ->
         with lease.keep_alive():
             yield lease
     finally:
-        lease.release()
+        _bookkeeping(log, "releasing the cycle lease", lease.release)
+
+
+def _bookkeeping(log: Callable[[str], None], what: str, step: Callable[[], object]) -> None:
+    """A record-keeping step at the end of a cycle (its row's outcome, staged data, the lease):
+    when it fails (disk full, an I/O error) the cycle's own outcome stands — a committed
+    version stays committed, an error stays the error reported — and this is a warning."""
+    try:
+        step()
+    except (SQLAlchemyError, OSError, StreamError) as exc:
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        log(f"warning: {what} failed ({detail}); the cycle's outcome stands")
 
 
 def _prepare(store: ExpertStore, registry: StreamRegistry, stream: str, cfg: CycleConfig,
@@ -290,10 +318,11 @@ class _Row:
 
 @contextmanager
 def _cycle_row(store: ExpertStore, stream: str, cfg: CycleConfig, parent: int, holder: str,
-               dist: Dist | None = None) -> Iterator[_Row]:
+               dist: Dist | None = None, log: Callable[[str], None] = print) -> Iterator[_Row]:
     """The cycle's row in ``lifelong_cycles``: 'running' inside, its outcome on exit
     (written by rank 0 alone when there are several processes)."""
-    row = _Row(_on_main(dist, lambda: start_cycle(store.engine, stream=stream, policy=cfg.policy, parent=parent, holder=holder)))
+    row = _Row(_on_main(dist, lambda: start_cycle(store.engine, stream=stream, policy=cfg.policy, parent=parent, holder=holder,
+                                                   outcome=committed_outcome(store))))
     if dist is not None and not dist.is_main:
         yield row
         return
@@ -302,15 +331,18 @@ def _cycle_row(store: ExpertStore, stream: str, cfg: CycleConfig, parent: int, h
     except HeadMovedError:  # its version was kept as a candidate
         assert row.outcome is not None
         status, version, detail = row.outcome
-        finish_cycle(store.engine, row.id, status, version=version, detail=detail)
+        _bookkeeping(log, f"recording cycle {row.id}'s outcome", lambda: finish_cycle(
+            store.engine, row.id, status, version=version, detail=detail))
         raise
     except BaseException as exc:
         status = "interrupted" if isinstance(exc, (CycleInterrupted, KeyboardInterrupt)) else "failed"
-        finish_cycle(store.engine, row.id, status, detail={"error": str(exc)[:2000]})
+        _bookkeeping(log, f"recording cycle {row.id}'s outcome", lambda: finish_cycle(
+            store.engine, row.id, status, detail={"error": str(exc)[:2000]}))
         raise
     assert row.outcome is not None
-    status, version, detail = row.outcome
-    finish_cycle(store.engine, row.id, status, version=version, detail=detail)
+    status, version, detail = row.outcome  # a row left 'running' is closed by the next cycle (start_cycle)
+    _bookkeeping(log, f"recording cycle {row.id}'s outcome", lambda: finish_cycle(
+        store.engine, row.id, status, version=version, detail=detail))
 
 
 def _replay_blocks(c: _Cycle, new_tokens: int, block_size: int, pad_id: int) -> np.ndarray | None:

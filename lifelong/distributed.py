@@ -11,8 +11,10 @@ them all down when one dies; collectives run on gloo (CPU) or NCCL (GPU).
   (:meth:`Dist.merge_row_grads`), so every rank makes the identical update. Losses are
   token sums over the global non-pad count, so the averaged gradient is the 1-process one.
 - **Expert parallel** (``--expert-parallel``): every expert table is split along d_model
-  (:meth:`Dist.slice_experts`); see :class:`lifelong.experts.ExpertMixSliced`.
-- Rank 0 alone holds the cycle lease, writes to the store and moves the cursor
+  (:meth:`Dist.slice_experts`); see :class:`lifelong.experts.ExpertMixSliced`. At commit
+  each rank writes its columns as objects of their own (:meth:`Dist.write_slices`) and rank
+  0 commits them as sliced shards: no rank ever holds a whole table.
+- Rank 0 alone holds the cycle lease, writes the store's rows and moves the cursor
   (:meth:`Dist.on_main` runs a step there and hands its result, or its error, to every rank).
 - Evaluation splits each batch's rows across ranks and sums (loss, tokens) and router usage.
 
@@ -277,28 +279,42 @@ class Dist:
         return out
 
     # ------------------------------------------------------------ expert parallel
+    @property
+    def expert_slice(self) -> tuple[int, int, Any] | None:
+        """What :func:`lifelong.checkpoint.checkout_model` takes to read only this rank's columns."""
+        return (self.rank, self.world, self.group) if self.expert_parallel else None
+
     def slice_experts(self, model: Any) -> None:
         """Keep only this rank's columns ``[r*d/P, (r+1)*d/P)`` of every expert table."""
         for layer in model.peer_layers().values():
             layer.slice_experts(self.rank, self.world, self.group)
 
-    def gather_experts(self, model: Any) -> None:
-        """Rank 0 gets the whole tables back (to commit them), table by table; the other
-        ranks keep their slices. The stored shards hold whole rows, so a version checks out at
-        any world size (slicing is exact: bit-identical tensors)."""
-        for layer in model.peer_layers().values():
-            sl = layer.expert_slice
-            if sl is None:
-                continue
-            for name in ("expert_u", "expert_v"):
-                part = getattr(layer, name)
-                parts = [torch.empty_like(part) for _ in range(self.world)] if self.is_main else None
-                tdist.gather(part, parts, dst=0, group=self.group)
-                if self.is_main:
-                    setattr(layer, name, torch.cat(parts, dim=1))  # (N, d)
-                    del parts
-            if self.is_main:
-                layer.expert_slice = None
+    def write_slices(self, store: Any, model: Any, origin: Any = None) -> dict[tuple[str, int, int], list[Any]]:
+        """Every rank writes its columns of the shards to commit as objects
+        (:func:`lifelong.checkpoint.write_slices`); returns every rank's parts per row range,
+        in column order (only their hashes travel: no tensor leaves its rank). A rank that
+        could not write (disk full) fails every rank: rank 0 with the error, the others with
+        :class:`RankError`."""
+        from .checkpoint import write_slices
+
+        try:
+            mine, error = write_slices(store, model, origin), None
+        except Exception as exc:  # noqa: BLE001 - every rank must hear of it, or the others would wait forever
+            mine, error = {}, exc
+        box: list[Any] = [None] * self.world
+        tdist.all_gather_object(box, (mine, None if error is None else f"{error}"), group=self.group)
+        failed = [(r, msg) for r, (_, msg) in enumerate(box) if msg is not None]
+        if failed:
+            if error is not None and self.is_main:
+                raise error
+            rank, msg = failed[0]
+            raise (DistributedError if self.is_main else RankError)(f"rank {rank} could not write its columns of the expert "
+                                                                      f"tables: {msg}")
+        merged: dict[tuple[str, int, int], list[Any]] = {}
+        for parts, _ in box:
+            for key, part in parts.items():
+                merged.setdefault(key, []).append(part)
+        return {key: sorted(parts, key=lambda p: p.col_start) for key, parts in merged.items()}
 
 
 def gather_rows(t: Tensor, world: int, group: Any = None) -> Tensor:

@@ -14,9 +14,11 @@ nothing but decide whether a cycle is due and call ``run_cycle``:
 
 Cycles are serialised by the database lease ``cycle`` (taken by ``run_cycle``, shared with
 the CLI): a job that finds it held logs and skips. One scheduler process per store holds
-the lease ``scheduler``. SIGTERM/SIGINT (or :func:`request_stop`) make a running cycle stop
-at its next training step (``CycleInterrupted``: no version written), then the scheduler
-shuts down waiting for its jobs.
+the lease ``scheduler``; on start it releases the leases of dead processes of this host and
+closes the cycle rows they left 'running' (:func:`lifelong.records.recover_cycles`).
+SIGTERM/SIGINT (or :func:`request_stop`) make a running cycle stop at its next training
+step (``CycleInterrupted``: no version written), then the scheduler shuts down waiting for
+its jobs.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ from .audit_report import DEFAULT_MIN_RECALL
 from .config import cycle_config
 from .cycle import CycleInterrupted, HeadMovedError, NothingPendingError, run_cycle
 from .jobstore import edit_jobs, job_store, list_jobs
-from .records import Lease, LeaseHeldError, create_tables, holder_name, is_audited
+from .records import (Lease, LeaseHeldError, committed_outcome, create_tables, holder_name, is_audited, recover_cycles,
+                      release_dead_leases)
 from .workspace import open_registry, tensorboard_dir
 
 __all__ = ["run_scheduler", "request_stop", "stop_requested", "poll_job", "cycle_job", "audit_job"]
@@ -243,6 +246,13 @@ def _run_once(store: ExpertStore) -> list[dict[str, Any]]:
     return results
 
 
+def _recover(store: ExpertStore) -> None:
+    """What a killed process of this host left: its leases are released, its 'running' cycle
+    rows closed ('committed'/'candidate' when its version made it, else 'abandoned')."""
+    release_dead_leases(store.engine)
+    recover_cycles(store.engine, committed_outcome(store))  # logs each row it closes
+
+
 def run_scheduler(store: ExpertStore, *, once: bool = False, wait_s: float = 0.0, install_signals: bool = True,
                   refresh_s: float = REFRESH_S) -> list[dict[str, Any]]:
     """Run the persisted jobs until SIGTERM/SIGINT/:func:`request_stop` (or, with ``once``,
@@ -257,6 +267,7 @@ def run_scheduler(store: ExpertStore, *, once: bool = False, wait_s: float = 0.0
         msg = str(exc).replace("another cycle is running", "a scheduler is running")
         raise LeaseHeldError(msg if msg != str(exc) else f"a scheduler is running on this store: {exc}") from exc
     try:
+        _recover(store)
         with _signals(install_signals):
             if once:  # no scheduler loop (and no heartbeat job): renew the lease from a thread
                 with lease.keep_alive(refresh_s, on_lost=_lease_lost):

@@ -243,8 +243,26 @@ def build_base(root: Path, kind: str, mc: ModelConfig, s: Sizes, cache: Path, ar
     return path, {"seconds": round(time.perf_counter() - t0, 1), "cycle": rec, "heldout": heldout}
 
 
+def base_store(root: Path, kind: str, mc: ModelConfig, s: Sizes, cache: Path, args: argparse.Namespace) -> tuple[Path, dict]:
+    """:func:`build_base`, or with ``--reuse-bases`` the base an earlier run left in the work
+    dir when it was built from the same model, sizes, streams and seed."""
+    key = json.loads(json.dumps({"model": asdict(mc), "sizes": asdict(s), "streams": args.stream or args.stream_order, "seed": args.seed}))
+    record = root / f"base-{kind}.json"
+    if args.reuse_bases and record.exists():
+        saved = json.loads(record.read_text())
+        if saved.get("key") == key:
+            say(f"[base-{kind}] reused from {record.parent} (same model, sizes, streams and seed)")
+            return root / f"base-{kind}", saved["record"]
+        say(f"[base-{kind}] the one in {record.parent} was built differently: building it again")
+    shutil.rmtree(root / f"base-{kind}", ignore_errors=True)
+    path, rec = build_base(root, kind, mc, s, cache, args)
+    record.write_text(json.dumps({"key": key, "record": rec}))
+    return path, rec
+
+
 def run_arm(arm: Arm, policy: str, base: Path, root: Path, s: Sizes, args: argparse.Namespace) -> dict[str, Any]:
     path = root / arm.name
+    shutil.rmtree(path, ignore_errors=True)  # a kept arm of an earlier run
     shutil.copytree(base, path)  # the base version, its stream registrations and held-out sets
     t0 = time.perf_counter()
     cycles = []
@@ -316,12 +334,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work-dir", help="where the stores go (default: a temporary directory, removed at the end)")
     p.add_argument("--cache-dir", help="materialised default streams, shared by all stores (default: in the work dir)")
     p.add_argument("--keep", action="store_true", help="keep the stores")
+    p.add_argument("--reuse-bases", action="store_true", help="reuse the base stores an earlier run left in --work-dir "
+                   "(only when built from the same model, sizes, streams and seed)")
     p.add_argument("--progress", action="store_true", help="training progress bars")
     p.add_argument("--plot", metavar="FILE.png", help="write one figure comparing the arms")
     p.add_argument("--order", help=f"the embedded streams in another order, comma-separated (default: {','.join(STREAMS)})")
     p.add_argument("--stream", action="append", type=parse_user_stream, metavar="NAME=PATH[:MODE]",
                    help="your own stream instead of the embedded ones (repeatable, in order; MODE line | paragraph | file)")
     args = p.parse_args(argv)
+    if args.reuse_bases and not args.work_dir:
+        p.error("--reuse-bases needs --work-dir (where the earlier run left its bases)")
     if args.stream:
         args.stream_order = [name for name, _, _ in args.stream]
     else:
@@ -356,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         bases: dict[str, tuple[Path, dict]] = {}
         for kind in ("dense", "peer"):
             if any(ARMS[a].model == kind for a in arms):
-                bases[kind] = build_base(root, kind, configs[kind], s, cache, args)
+                bases[kind] = base_store(root, kind, configs[kind], s, cache, args)
         results: dict[str, dict[str, Any]] = {}
         for name in arms:
             arm = ARMS[name]

@@ -20,6 +20,7 @@ import random
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -170,12 +171,13 @@ def count_shards(store: ExpertStore, summary: Summary) -> None:
 
 
 def run(
-    trials: int, rows: int = 16, d: int = 256, max_delay: float = 0.4, seed: int = 0, per_store: int = 25
+    trials: int, rows: int = 16, d: int = 256, max_delay: float = 0.4, seed: int = 0, per_store: int = 25,
+    progress: Callable[[str], None] | None = None,
 ) -> Summary:
     """Run ``trials`` kill-and-check rounds, on a fresh store every ``per_store`` trials.
 
     (``verify`` re-hashes every object after each kill, so one ever-growing store would
-    make the run quadratic.)
+    make the run quadratic.) ``progress`` gets a line after each store's trials.
     """
     rng = random.Random(seed)
     ctx = forkserver()
@@ -188,6 +190,9 @@ def run(
                 if store is not None:
                     count_shards(store, summary)
                     store.close()
+                    if progress is not None:
+                        progress(f"{summary.trials} trials, {len(summary.failures)} failures, "
+                                 f"{time.perf_counter() - start:.0f} s")
                 root = Path(tmp) / f"store-{trial // per_store}"
                 ExpertStore.init(root, {"purpose": "crash test"}).close()
                 store = ExpertStore.open(root)
@@ -224,8 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--per-store", type=int, default=25, help="trials per fresh store")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument("--progress", action="store_true", help="a line on stderr after each store's trials")
     args = parser.parse_args(argv)
-    summary = run(args.trials, args.rows, args.d_model, args.max_delay, args.seed, args.per_store)
+    report = (lambda line: print(line, file=sys.stderr, flush=True)) if args.progress else None
+    summary = run(args.trials, args.rows, args.d_model, args.max_delay, args.seed, args.per_store, report)
     if args.json:
         print(json.dumps(asdict(summary) | {"ok": summary.ok}, indent=2))
     else:

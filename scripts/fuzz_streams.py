@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", type=int, help="number of cases (overrides --long)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stop", action="store_true", help="stop and shrink at the first failure")
+    parser.add_argument("--examples", action="store_true", help="print a message of each error class seen")
     args = parser.parse_args(argv)
     n = args.cases or (10_000 if args.long else 500)
 
@@ -45,10 +46,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import datasets
 
-    from fuzz_testlib import cases, fuzz_one
+    from fuzz_testlib import EXAMPLES, cases, fuzz_one
     from streams import StreamRegistry
 
-    datasets.logging.set_verbosity_error()  # it logs every file it cannot read
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # it logs every file it cannot read
     outcomes: collections.Counter[str] = collections.Counter()
     failures: list[str] = []
     with tempfile.TemporaryDirectory(prefix="fuzz-streams-") as tmp:
@@ -82,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"cases run: {total:,}; failures found: {len(failures)}; {seconds:.0f} s "
                   f"({total / max(seconds, 1e-9):.1f} cases/s)")
             print("outcomes: " + ", ".join(f"{k}={v}" for k, v in outcomes.most_common()))
+            for name, message in sorted(EXAMPLES.items()) if args.examples else ():
+                print(f"  {name}: {message[:200]}")
     return 1 if failures else 0
 
 

@@ -56,8 +56,8 @@ def pending(spec: StreamSpec, cursor: dict[str, Any] | None, index: FileIndex) -
         try:
             size, sha = index.identity(path)
             total = _count_docs(path, spec)
-        except (BadInputError, OSError):
-            continue  # reported by ingest, not here
+        except (BadInputError, OSError, ValueError):  # pyarrow's ArrowInvalid is a ValueError
+            continue  # a broken file: reported by ingest, not here
         if entry is not None and entry.sha256 == sha:
             if entry.done:
                 continue

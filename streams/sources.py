@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 from .errors import (BadInputError, EmptyFileError, EncodingError, FieldTypeError,
                      MalformedFileError, MalformedJSONError, MissingFieldError, SpecError,
                      SourceNotFoundError, SourceUnavailableError, UnreadableFileError,
-                     VanishedFileError)
+                     VanishedFileError, show_path)
 from .fileindex import is_link_loop
 from .fsutil import DISK_ERRNOS
 from .spec import StreamSpec
@@ -104,7 +104,8 @@ def list_files(spec: StreamSpec) -> list[str]:
             while _GLOB_CHARS & set(base):
                 base = os.path.dirname(base)
             if not os.path.isdir(base):
-                raise SourceNotFoundError(f"stream {spec.name!r}: directory {base} of glob {src} does not exist")
+                raise SourceNotFoundError(f"stream {spec.name!r}: directory {show_path(base)} of glob "
+                                          f"{show_path(src)} does not exist")
             for p in _glob(src, base):
                 rel = os.path.relpath(p, base)
                 if not _ignored_name(os.path.basename(p)) and \
@@ -115,7 +116,7 @@ def list_files(spec: StreamSpec) -> list[str]:
         elif os.path.lexists(src):
             found.add(src)
         else:
-            raise SourceNotFoundError(f"stream {spec.name!r}: source {src} does not exist")
+            raise SourceNotFoundError(f"stream {spec.name!r}: source {show_path(src)} does not exist")
     return sorted(found)
 
 
@@ -159,7 +160,7 @@ def infer_format(sources: Iterable[str], pattern: str | None = None) -> tuple[st
     if not counts:
         return "text", "no file to infer it from yet"
     if len(counts) > 1:
-        found = ", ".join(f"{n} {fmt} (e.g. {example[fmt]})" for fmt, n in counts.most_common())
+        found = ", ".join(f"{n} {fmt} (e.g. {show_path(example[fmt])})" for fmt, n in counts.most_common())
         raise SpecError(f"cannot infer the format: the source holds files of several formats "
                         f"({found}); pass --format, and --pattern to choose the files")
     (fmt, n), = counts.items()
@@ -192,7 +193,11 @@ def _convert(exc: BaseException, path: str, fmt: str = "jsonl") -> BadInputError
             kw["line"] = int(m.group(1)) + 1  # pandas counts lines from 0 there
         what = {"csv": "CSV", "parquet": "Parquet"}.get(fmt, "JSON")
         return cls(path, f"cannot parse as {what}: {inner}", **kw)
-    return UnreadableFileError(path, f"{type(exc).__name__}: {exc}")
+    if isinstance(inner, OSError):
+        return UnreadableFileError(path, f"read error: {inner}")
+    # anything else the reader raised on this content (a RecursionError, a TypeError...)
+    cls = MalformedJSONError if fmt in ("json", "jsonl") else MalformedFileError
+    return cls(path, f"cannot read this content: {type(inner).__name__}: {inner}")
 
 
 def text_of(value: Any, path: str, row: int, field: str) -> str:

@@ -90,14 +90,18 @@ def add_heldout(engine: Engine, stream: str, docs: list[str]) -> None:
         rows.setdefault(h, {"stream": stream, "sha1": h, "text": d})
     for _ in range(3):  # a concurrent ingest may insert the same docs first: retry
         try:
-            with write_errors(f"recording held-out documents of stream {stream!r}", NOTHING_STAGED), \
-                    engine.begin() as conn:
-                have = set(conn.execute(select(stream_heldout.c.sha1).where(
-                    stream_heldout.c.stream == stream,
-                    stream_heldout.c.sha1.in_(list(rows)))).scalars())
+            # Read, then insert in a transaction that writes first: on SQLite (WAL) a transaction
+            # that read before another connection committed cannot write ("database is locked" at
+            # once, whatever the busy timeout). A race is caught by the unique key and retried.
+            with write_errors(f"recording held-out documents of stream {stream!r}", NOTHING_STAGED):
+                with engine.connect() as conn:
+                    have = set(conn.execute(select(stream_heldout.c.sha1).where(
+                        stream_heldout.c.stream == stream,
+                        stream_heldout.c.sha1.in_(list(rows)))).scalars())
                 new = [r for h, r in rows.items() if h not in have]
                 if new:
-                    conn.execute(insert(stream_heldout), new)
+                    with engine.begin() as conn:
+                        conn.execute(insert(stream_heldout), new)
             return
         except IntegrityError:
             continue

@@ -5,7 +5,7 @@ lines are checked for encoding only: NUL bytes and invalid UTF-8). A JSON array 
 checked as a whole, element by element, naming the line where the bad element starts.
 
 JSON is checked as strictly as the reader behind ``datasets`` (pyarrow) parses it: nesting
-deeper than Python's parser goes, duplicate keys, numbers out of double range and
+deeper than 60 levels, duplicate keys, numbers out of double range and
 ``\\u`` escapes of lone UTF-16 surrogates are errors here, with their line, rather than
 an unplaced failure halfway through reading.
 
@@ -91,8 +91,9 @@ def open_checked(path: str):
 def _pairs(pairs: list[tuple[str, object]]) -> dict[str, object]:
     obj = dict(pairs)
     if len(obj) != len(pairs):
-        dup = next(k for i, (k, _) in enumerate(pairs) if any(k == p for p, _ in pairs[:i]))
-        raise ValueError(f"duplicate key {dup!r}")
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"duplicate key {dup[:40]!r}")
     return obj
 
 
@@ -104,13 +105,28 @@ def _float(text: str) -> float:
 
 
 def _int(text: str) -> int:
-    value = int(text)
-    if abs(value) > 1 << 1023:
-        raise ValueError(f"number {text[:24]}… is out of the range of a double")
+    value = int(text)  # more than 4300 digits: a ValueError
+    try:
+        float(value)
+    except OverflowError:
+        raise ValueError(f"number {text[:24]}… is out of the range of a double") from None
     return value
 
 
 _DECODER = json.JSONDecoder(object_pairs_hook=_pairs, parse_float=_float, parse_int=_int)
+MAX_JSON_DEPTH = 60  # pyarrow stops at 64 levels ("Recursion level in ArrowSchema struct exceeded")
+
+
+def _too_deep(obj: object, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether ``obj`` nests objects/arrays more than ``limit`` levels (walked without recursion)."""
+    stack = [(obj, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return False
 
 
 def _json_problem(text: str, start: int = 0) -> tuple[object, int, str | None]:
@@ -124,6 +140,9 @@ def _json_problem(text: str, start: int = 0) -> tuple[object, int, str | None]:
         return None, start, "JSON nested too deeply to parse"
     except ValueError as exc:  # from the hooks above
         return None, start, f"malformed JSON: {exc}"
+    if isinstance(obj, (dict, list)) and text.count("[", start, end) + text.count("{", start, end) > MAX_JSON_DEPTH \
+            and _too_deep(obj):
+        return None, start, f"JSON nested deeper than {MAX_JSON_DEPTH} levels (the reader's limit)"
     if _SURROGATE_ESCAPE.search(text, start, end):
         try:
             json.dumps(obj, ensure_ascii=False).encode("utf-8")

@@ -139,14 +139,16 @@ def _writing(mode: str) -> bool:
 
 
 class Injector:
-    """Counts injection points while active; the ``fail_at``-th raises ``errno``'s error.
+    """Counts injection points while active; the ``fail_at``-th raises ``errno``'s error (or,
+    with ``fail_kind``, the first point of that kind).
 
     ``armed`` False: calls pass uncounted until something sets it (an operation that
     injects only from a given step on, such as a cycle's commit).
     """
 
-    def __init__(self, fail_at: int | None = None, errno: int = errno_module.ENOSPC, *, armed: bool = True) -> None:
-        self.fail_at, self.errno, self.armed = fail_at, errno, armed
+    def __init__(self, fail_at: int | None = None, errno: int = errno_module.ENOSPC, *, armed: bool = True,
+                 fail_kind: str | None = None) -> None:
+        self.fail_at, self.errno, self.armed, self.fail_kind = fail_at, errno, armed, fail_kind
         self.points: list[Point] = []
         self.fired: Point | None = None
         self._lock = threading.Lock()
@@ -169,7 +171,7 @@ class Injector:
         with self._lock:
             point = Point(len(self.points) + 1, kind, _where(), str(target)[:160])
             self.points.append(point)
-            if point.n != self.fail_at:
+            if point.n != self.fail_at and (self.fail_kind != kind or self.fired is not None):
                 return
             self.fired = point
         if kind.startswith("db-"):
@@ -320,6 +322,7 @@ class Operation:
     state: Callable[[Path], Any] = None  # type: ignore[assignment]
     final: Callable[[Path], Any] | None = None
     cli: bool = False
+    warm_up: bool = True  # run once before counting (lazy imports, caches)
 
     def __post_init__(self) -> None:
         self.state = self.state or store_state
@@ -390,11 +393,37 @@ def objects_state(world: Path) -> dict[str, Any]:
     return {**store_state(world), "files": files}
 
 
+def _no_store(world: Path) -> bool:
+    return not (store_path(world) / "store.json").exists()
+
+
+def init_state(world: Path) -> Any:
+    """:func:`store_state`, or what lies where the store would be when there is none."""
+    if _no_store(world):
+        root = store_path(world)
+        return {"no store": sorted(str(p.relative_to(root)) for p in root.rglob("*")) if root.exists() else None}
+    return store_state(world)
+
+
 def invariants(world: Path) -> list[str]:
-    """``verify`` finds nothing and HEAD's version loads in full (every object re-hashed)."""
+    """``verify`` finds nothing, HEAD's version loads in full (every object re-hashed), and a
+    next cycle (another process) could take the cycle lease."""
+    from sqlalchemy import inspect
+
     problems: list[str] = []
+    if _no_store(world):
+        return problems
     store = _open(world)
     try:
+        if inspect(store.engine).has_table("lifelong_leases"):
+            from lifelong.records import Lease, LeaseHeldError, holder_name
+
+            lease = Lease(store.engine, "cycle", holder=holder_name("next"))
+            try:
+                lease.acquire()
+                lease.release()
+            except LeaseHeldError as exc:
+                problems.append(f"the next cycle cannot start: {exc}")
         problems += [f"verify: {p}" for p in store.verify()]
         head = store.head()
         if head is not None:
@@ -413,6 +442,8 @@ def invariants(world: Path) -> list[str]:
 def leftovers(world: Path) -> list[str]:
     """Run ``lifelong gc --grace 0``; then whatever temp file, probe, temp directory or
     unreachable object is still in the store."""
+    if _no_store(world):
+        return []
     out = cli(world, "gc", "--grace", "0")
     found = [] if out.ok else [f"gc --grace 0 failed: {out.message()}"]
     root = store_path(world)
@@ -522,11 +553,23 @@ def _after_fault(op: Operation, world: Path, out: Outcome, inj: Injector, before
     return problems, False
 
 
+def first_of_each(points: list[Point], key: Callable[[Point], Any]) -> set[int]:
+    """Numbers of the first point of each ``key`` (e.g. kind; None: no key), and of the last point."""
+    seen: dict[Any, int] = {}
+    for point in points:
+        if (k := key(point)) is not None:
+            seen.setdefault(k, point.n)
+    return set(seen.values()) | ({points[-1].n} if points else set())
+
+
 def sweep(op: Operation, errno: int, *, work: Path | None = None, only: Callable[[int], bool] | None = None,
-          max_points: int = 10_000, log: Callable[[str], None] | None = None) -> Report:
+          sample: Callable[[Point], Any] | None = None, max_points: int = 10_000,
+          log: Callable[[str], None] | None = None) -> Report:
     """Fail injection point N = 1, 2, … of ``op`` with ``errno`` until a run completes with no
     failure left to inject; check every failed run (see the module doc). ``only(n)``
-    restricts the points tried (a sample, for the test suite)."""
+    restricts the points tried; ``sample`` tries only the first point of each
+    ``sample(point)`` of the fault-free run (``lambda p: p.kind``: one of each kind), and
+    the last (a sample, for the test suite)."""
     name = next(k for k, v in ERRNOS.items() if v == errno)
     report = Report(op.name, name)
     start = time.perf_counter()
@@ -536,7 +579,8 @@ def sweep(op: Operation, errno: int, *, work: Path | None = None, only: Callable
         op.prepare(template)
         before = op.state(template)
         reference = _fresh(template, Path(tmp) / "reference")
-        op.run(_fresh(template, reference), Injector(None))  # warm-up: lazy imports, caches
+        if op.warm_up:
+            op.run(_fresh(template, reference), Injector(None))  # lazy imports, caches
         counter = Injector(None)
         out = op.run(_fresh(template, reference), counter)
         if not out.ok:
@@ -544,6 +588,9 @@ def sweep(op: Operation, errno: int, *, work: Path | None = None, only: Callable
         after, final_after = op.state(reference), op.final(reference)
         report.points, report.kinds = len(counter.points), dict(counter.kinds())
         report.where = [str(p) for p in counter.points]
+        if sample is not None:
+            chosen = first_of_each(counter.points, sample)
+            only = chosen.__contains__ if only is None else (lambda n, keep=only: keep(n) and n in chosen)
         n = 0
         while n < max_points:
             n += 1
@@ -756,16 +803,37 @@ def _cycle_run(world: Path, inj: Injector) -> Outcome:
         cycle_module.commit_model, objects.WRITERS = commit_model, 1
         with inj:
             return api(lambda: cycle_module.run_cycle(store, registry, "a", cfg, device="cpu", progress=False,
-                                                      log=lambda line: None))
+                                                      log=lambda line: None, holder=_gone_holder()))
     finally:
         cycle_module.commit_model, objects.WRITERS = real_commit, writers
         store.close()
 
 
+def _gone_holder() -> str:
+    """A cycle holder name of this host whose process has ended: as in a CLI run, the next
+    attempt comes from another process (which may release a lease its release left behind)."""
+    import socket
+    import subprocess
+
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return f"cli:{socket.gethostname()}:{child.pid}"
+
+
 def cycle() -> Operation:
     """A growth cycle's commit with its cursor move (``run_cycle`` on a tiny model)."""
     return Operation("cycle-commit", lambda world: _prepare_streams(world, model=True), _cycle_run,
-                     "nothing was committed")
+                     "nothing was committed", warm_up=False)  # armed at the commit: the cycle has imported all
+
+
+TINY_INIT = ("--d-model", "32", "--layers", "2", "--rows", "8", "--cols", "8", "--heads", "2", "--top-k", "4",
+             "--d-key", "16")
+
+
+def init() -> Operation:
+    """``lifelong init`` of a tiny model: the store's creation and its first commit."""
+    return Operation("init", lambda world: None, _cli_on_store("init", *TINY_INIT), "no store was created",
+                     state=init_state, cli=True)
 
 
 OPERATIONS: dict[str, Callable[[], Operation]] = {
@@ -776,4 +844,5 @@ OPERATIONS: dict[str, Callable[[], Operation]] = {
     "gc": gc,
     "rollback": rollback,
     "tag": tag,
+    "init": init,
 }

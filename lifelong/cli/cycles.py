@@ -26,7 +26,7 @@ from typing import Any
 from expert_store import ExpertStore
 
 from ..config import CycleConfig, add_cycle_flags, cycle_config
-from ..cycle import CycleInterrupted, CycleResult
+from ..cycle import CycleInterrupted, CycleResult, HeadMovedError
 from ..errors import CLIError, LifelongError
 from ..evaluate import LossMatrix, continual_metrics, loss_matrix
 from ..workspace import open_registry, tensorboard_dir
@@ -129,6 +129,10 @@ def cmd_cycle(args: argparse.Namespace) -> int:
         return _cmd_cycle(args, cfg, dist)
     except RankError:  # rank 0 failed and said why; say nothing twice
         return 1
+    except HeadMovedError:
+        if dist is not None and not dist.is_main:
+            return 1  # rank 0 says it
+        raise
     finally:
         shutdown()
 
@@ -147,7 +151,7 @@ def _cmd_cycle(args: argparse.Namespace, cfg: CycleConfig, dist) -> int:  # noqa
             if main:
                 raise
             return 1  # rank 0 says it
-    store = open_store(args, read_only=not main)
+    store = open_store(args, read_only=not main and not args.expert_parallel)  # expert parallel: every rank writes its columns
     log_to = sys.stderr if args.json else sys.stdout
     flag = _StopFlag()
     with stream_hints(args.store):

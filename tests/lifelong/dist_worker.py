@@ -1,24 +1,35 @@
-"""Run by the distributed tests, once alone and once per rank under ``torchrun``.
+"""Run by the distributed tests: once under ``torchrun`` on 2 ranks, every check in one
+process group (one launch: starting ranks is what costs), and in the test process for the
+1-process references.
 
-``python dist_worker.py train OUT STEPS [policy]``: a tiny model trained ``STEPS`` steps on
-fixed batches, its state (and the expert rows' optimizer state) saved to ``OUT`` (rank 0).
-``python dist_worker.py layer OUT``: one sliced PEER layer's forward and backward
-(expert parallel when launched on several ranks), outputs and gradients saved to ``OUT``.
+``torchrun ... dist_worker.py OUT STORE DP EP``: every rank saves what it saw to ``OUT/rank{r}.pt``:
+
+- ``layer``: one sliced PEER layer's forward and backward against the whole layer;
+- ``train``: a tiny model trained 4 steps with growth (data + expert parallel), its state;
+- ``store``: STORE's HEAD (written by 1 process) checked out sliced, committed from the
+  ranks' slices (v2), committed again unchanged (v3), v2 checked out sliced again;
+- ``cycles``: ``lifelong cycle`` on stream b of DP (data parallel) and of EP (expert
+  parallel; no floating-point tensor moves between ranks from its commit on), two copies of
+  one trained store; then on EP a cycle whose HEAD is moved before its commit and one whose
+  commit fails on rank 0.
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as tdist
+import torch.distributed.distributed_c10d as c10d
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import make_tiny_config  # noqa: E402
 
 from lifelong.config import TrainConfig  # noqa: E402
-from lifelong.distributed import init_from_env, shutdown  # noqa: E402
+from lifelong.distributed import Dist, init_from_env, shutdown  # noqa: E402
 from lifelong.model import PEERLM  # noqa: E402
 from lifelong.train import random_batches, train  # noqa: E402
 
@@ -30,39 +41,36 @@ def blocks(n: int = 64, length: int = 33, seed: int = 1) -> np.ndarray:
     return out
 
 
-def run_train(out: str, steps: int, policy: str = "full", expert_parallel: bool = False) -> None:
-    dist = init_from_env("cpu", expert_parallel=expert_parallel)
+def train_state(dist: Dist | None, steps: int = 4) -> dict[str, torch.Tensor]:
+    """A tiny model grown and trained ``steps`` steps on fixed batches: its state (the expert
+    tables whole: the ranks' slices side by side), the expert rows' optimizer state, the losses."""
     torch.manual_seed(0)
     model = PEERLM(make_tiny_config(peer_layers=[1]))
-    if policy == "grow":
-        for layer in model.peer_layers().values():
-            layer.freeze()
-            layer.grow(2)
-    if dist is not None and expert_parallel:
+    for layer in model.peer_layers().values():
+        layer.freeze()
+        layer.grow(2)
+    if dist is not None:
         dist.slice_experts(model)
     cfg = TrainConfig(batch_size=8, steps=steps, warmup_steps=1, lr=3e-3, expert_lr=3e-2)
     res = train(model, random_batches(blocks(), 8, seed=3), cfg, progress=False, dist=dist)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    if dist is not None and expert_parallel:
+    if dist is not None:
         for name, layer in model.peer_layers().items():
             for t in ("expert_u", "expert_v"):
-                state[f"{name}.{t}"] = layer.expert_slice.cat_columns(getattr(layer, t))
+                state[f"{name}.{t}"] = layer.expert_slice.cat_columns(getattr(layer, t))  # the test's own gather
     state.update({f"opt.{k}": v for k, v in res.optimizer_state.items()})
     state["losses"] = torch.tensor(res.losses, dtype=torch.float64)
-    if dist is None or dist.is_main:
-        torch.save(state, out)
-    shutdown()
+    return state
 
 
-def run_layer(out: str) -> None:
-    """Sliced layer vs the whole layer, on every rank: same tokens (replicated), then each
-    rank its own half of them (sharded, as in data-parallel training)."""
+def check_layer(dist: Dist) -> dict[str, float]:
+    """Sliced layer vs the whole layer: same tokens on every rank (replicated), then each rank
+    its own half of them (sharded, as in data-parallel training; BatchNorm synced)."""
     import copy
 
     from lifelong.config import PEERConfig
     from lifelong.peer import PEERLayer
 
-    dist = init_from_env("cpu", expert_parallel=True)
     torch.manual_seed(0)
     whole = PEERLayer(PEERConfig(d_model=32, heads=2, top_k=4, d_key=16, n_rows=8, n_cols=8))
     whole.freeze()
@@ -85,8 +93,6 @@ def run_layer(out: str) -> None:
         rows, gu, gv = layer.grads.pop()
         return y.detach(), xs.grad, layer.query.weight.grad, rows, gu, gv
 
-    whole.eval()  # no BatchNorm batch statistics: the sharded halves would otherwise differ
-    sliced.eval()
     ref = run(whole, x, dy, False)
     lo, hi = sliced.expert_slice.lo, sliced.expert_slice.hi
     for mode in ("replicated", "sharded"):
@@ -103,42 +109,136 @@ def run_layer(out: str) -> None:
         report[f"{mode}.dv"] = float((got[5] - ref[5][:, lo:hi]).abs().max())
     report["bytes_whole"] = float(whole.expert_u.nbytes + whole.expert_v.nbytes)
     report["bytes_slice"] = float(sliced.expert_u.nbytes + sliced.expert_v.nbytes)
-    reports = [None] * dist.world
-    torch.distributed.all_gather_object(reports, report)
-    if dist.is_main:
-        torch.save(reports, out)
-    shutdown()
+    return report
 
 
-def run_store(out: str, store_path: str) -> None:
-    """Check HEAD out sliced on every rank: save each rank's slices and the logits of fixed
-    tokens; then commit it again from the slices (rank 0 gathers) as a new version."""
+def _tables(model: Any) -> dict[str, torch.Tensor]:
+    return {f"{n}.{t}": getattr(layer, t).clone() for n, layer in model.peer_layers().items() for t in ("expert_u", "expert_v")}
+
+
+def check_store(dist: Dist, path: str) -> dict[str, Any]:
+    """HEAD (1 process wrote it) checked out sliced; committed from the slices (v2) and again
+    unchanged (v3: every shard reused); v2 checked out sliced again."""
     from expert_store import ExpertStore
-    from lifelong.checkpoint import checkout_model, commit_model
+    from lifelong.checkpoint import ShardMap, checkout_model, commit_model
 
-    dist = init_from_env("cpu", expert_parallel=True)
-    store = ExpertStore.open(store_path)
-    model, origin = checkout_model(store, "HEAD", device="cpu")
-    dist.slice_experts(model)
+    store = ExpertStore.open(path)
+    model, origin = checkout_model(store, "HEAD", device="cpu", expert_slice=dist.expert_slice)
     model.eval()
     tokens = torch.from_numpy(blocks(4, 33, seed=5)).long()
     with torch.no_grad():
         logits, _ = model(tokens[:, :-1])
-    saved = {"logits": logits, **{f"{n}.{t}": getattr(layer, t).clone() for n, layer in model.peer_layers().items()
-                                  for t in ("expert_u", "expert_v")}}
-    torch.save(saved, f"{out}.rank{dist.rank}")
-    dist.gather_experts(model)
-    if dist.is_main:
-        commit_model(store, model, origin=origin, message="written by 2 ranks (expert parallel)")
+    out: dict[str, Any] = {"logits": logits, "tables": _tables(model)}
+    slices = dist.write_slices(store, model, origin)
+    v2 = dist.on_main(lambda: commit_model(store, model, origin=origin, message="written by 2 ranks", slices=slices).version)
+    again = dist.write_slices(store, model, ShardMap.of(v2))
+    v3 = dist.on_main(lambda: commit_model(store, model, origin=ShardMap.of(v2), message="unchanged", slices=again).version)
+    out["v2"], out["v3"] = v2, v3
+    back, _ = checkout_model(store, v2.id, device="cpu", expert_slice=dist.expert_slice)
+    out["v2_tables"] = _tables(back)
+    store.close()
+    return out
+
+
+class _FloatTraffic:
+    """Records every floating-point tensor a collective carries while :attr:`on`."""
+
+    NAMES = ("all_reduce", "all_gather", "gather", "broadcast", "all_gather_into_tensor", "reduce", "scatter", "send", "recv",
+             "isend", "irecv", "reduce_scatter", "all_to_all")
+
+    def __init__(self) -> None:
+        self.on = False
+        self.seen: list[tuple[str, str, tuple[int, ...]]] = []
+        for module in (tdist, c10d):
+            for name in self.NAMES:
+                if hasattr(module, name):
+                    setattr(module, name, self._spy(name, getattr(module, name)))
+
+    def _spy(self, name: str, fn: Any) -> Any:
+        def wrapped(*args: Any, **kw: Any) -> Any:
+            if self.on:
+                for t in [*args, *kw.values()]:
+                    for x in t if isinstance(t, (list, tuple)) else [t]:
+                        if isinstance(x, torch.Tensor) and x.is_floating_point():
+                            self.seen.append((name, str(x.dtype), tuple(x.shape)))
+            return fn(*args, **kw)
+
+        return wrapped
+
+
+FLAGS = ["--policy", "freeze-experts", "--grow-rows", "2", "--budget", "6000", "--eval-tokens", "1024", "--batch-size", "8",
+         "--no-progress"]
+
+
+def check_cycles(dist: Dist, dp: str, ep: str) -> dict[str, Any]:
+    """``lifelong cycle`` (the CLI, in this process) on both ranks: data parallel on the store
+    ``dp``, expert parallel on ``ep`` (from the same trained parent), then on ``ep`` a cycle
+    whose HEAD moves before its commit and one whose commit fails on rank 0."""
+    import contextlib
+    import io
+
+    import lifelong.cycle as cycle_module
+    import lifelong.distributed as dist_module
+    from expert_store import StoreWriteError
+    from lifelong.cli.main import main
+
+    traffic = _FloatTraffic()
+    out: dict[str, Any] = {}
+    real_write, real_commit, real_cycle = Dist.write_slices, cycle_module.commit_model, cycle_module.run_cycle
+
+    def write_slices(self, store, model, origin=None):  # the commit starts here
+        out["committed_tables"] = _tables(model)
+        traffic.on = True
+        return real_write(self, store, model, origin)
+
+    def run_cycle(*args, **kw):  # what the cycle raised on this rank, before the CLI turns it into an exit code
+        try:
+            return real_cycle(*args, **kw)
+        except Exception as exc:
+            out["raised"] = {"error": type(exc).__name__, **{k: getattr(exc, k, None) for k in ("cycle_id", "version", "ref", "head")}}
+            raise
+
+    Dist.write_slices = write_slices  # type: ignore[method-assign]
+    cycle_module.run_cycle = run_cycle
+    dist_module.shutdown = lambda: None  # the CLI ends the process group when done; later checks need it
+
+    def cycle(name: str, store: str, stream: str, *flags: str, commit=None) -> None:
+        cycle_module.commit_model = commit or real_commit
+        said = io.StringIO()
+        with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
+            code = main(["--store", store, "cycle", "--stream", stream, *FLAGS, *flags])
+        traffic.on = False
+        out[name] = {"exit": code, "said": said.getvalue(), "float_traffic": traffic.seen,
+                     "tables": out.pop("committed_tables", None), "raised": out.pop("raised", None)}
+        traffic.seen = []
+
+    def moved_then_commit(store, model, **kw):  # a rollback lands between training and the commit
+        if kw["ref"] == "HEAD":
+            store.rollback(2, why="test: HEAD moves while the cycle runs")
+        return real_commit(store, model, **kw)
+
+    def disk_full(store, model, **kw):
+        raise StoreWriteError("disk full while writing the store database; nothing was committed")
+
+    cycle("data_parallel", dp, "b")
+    cycle("expert_parallel", ep, "b", "--expert-parallel")
+    cycle("head_moved", ep, "c", "--expert-parallel", commit=moved_then_commit)
+    cycle("failed", ep, "c", "--expert-parallel", commit=disk_full)
+    traffic.on = True  # the spy does see what a collective of floats carries
+    dist.sum_(torch.zeros(3))
+    traffic.on, out["control"] = False, traffic.seen
+    return out
+
+
+def main(out: str, store: str, dp: str, ep: str) -> None:
+    dist = init_from_env("cpu", expert_parallel=True)
+    assert dist is not None, "run me under torchrun"
+    results = {"layer": check_layer(dist), "train": train_state(dist), "store": check_store(dist, store),
+               "cycles": check_cycles(dist, dp, ep)}
+    torch.save(results, f"{out}/rank{dist.rank}.pt")
     dist.barrier()
     shutdown()
 
 
 if __name__ == "__main__":
-    kind, out = sys.argv[1], sys.argv[2]
-    if kind == "train":
-        run_train(out, int(sys.argv[3]), *[a for a in sys.argv[4:5] if a != "--ep"] or ["full"], expert_parallel="--ep" in sys.argv)
-    elif kind == "layer":
-        run_layer(out)
-    elif kind == "store":
-        run_store(out, sys.argv[3])
+    main(*sys.argv[1:5])

@@ -40,3 +40,15 @@ def test_bench_continual_smoke(tmp_path, request):
     assert summary["best_growth_arm"] in ("freeze-experts", "replay-distill")
     assert set(summary["targets"]) == {"a_forgetting", "b_plasticity"}
     assert "summary" in proc.stderr and "loss matrix" in proc.stderr
+    # a second run in the same work dir reuses the dense base (same model, sizes, streams, seed)
+    # and rebuilds it for another seed
+    for seed, said in ((0, "[base-dense] reused"), (1, "built differently")):
+        again = subprocess.run(
+            [sys.executable, str(SCRIPT), "--smoke", "--json", "--threads", "1", "--arms", "dense", "--seed", str(seed),
+             "--reuse-bases", "--work-dir", str(tmp_path / "work"), "--cache-dir", str(cache)],
+            capture_output=True, text=True, timeout=300,
+        )
+        assert again.returncode == 0 and said in again.stderr, again.stderr[-3000:]
+        dense = json.loads(again.stdout.splitlines()[0])
+        if seed == 0:  # the same base and the same cycles: the same matrix
+            assert dense["loss_matrix"]["values"] == by_arm["dense"]["loss_matrix"]["values"]

@@ -300,3 +300,41 @@ def test_no_nan_for_a_stream_without_heldout_text(store_dir, report_drop, capsys
     assert "  loss_before: - (no held-out text)" in out.splitlines()
     code, out, _ = run(store_dir, "eval", capsys=capsys)
     assert code == 0 and not nan.search(out)
+
+
+def test_add_infers_the_format_from_extensions_and_says_so(store_dir, data, tmp_path, capsys):
+    drop, notes = data
+    code, out, _ = run(store_dir, "stream", "add", "docs", str(drop / "a.jsonl"), capsys=capsys)
+    assert code == 0 and "added stream docs (jsonl)" in out
+    assert "format jsonl: inferred from the extension of a.jsonl; pass --format to choose another" in out
+    assert run_json(store_dir, "stream", "list", capsys=capsys)[0]["pending"]["docs"] == 20
+    code, out, _ = run(store_dir, "stream", "add", "dropped", str(drop), capsys=capsys)
+    assert code == 0 and "added stream dropped (jsonl)" in out
+    code, out, err = run(store_dir, "stream", "add", "notes", str(notes), "--json", capsys=capsys)
+    res = json.loads(out)
+    assert res["spec"]["format"] == "text" and res["format_inferred"] == "inferred from the extension of notes.txt"
+    assert err.startswith("note: format text: inferred")
+    code, out, _ = run(store_dir, "stream", "add", "forced", str(drop), "--format", "text", capsys=capsys)
+    assert code == 0 and "(text)" in out and "inferred" not in out
+    (drop / "readme.md").write_text("about this folder\n")
+    code, _, err = run(store_dir, "stream", "add", "mixed", str(drop), capsys=capsys)
+    assert code == 1 and "several formats (" in err and "1 jsonl (e.g. a.jsonl)" in err and "pass --format" in err
+    code, out, _ = run(store_dir, "stream", "add", "mixed", str(drop), "--pattern", "*.jsonl", capsys=capsys)
+    assert code == 0 and "added stream mixed (jsonl)" in out
+
+
+def test_add_refuses_a_fifo_or_device_and_never_blocks(store_dir, tmp_path, capsys):
+    fifo = tmp_path / "pipe.jsonl"
+    os.mkfifo(fifo)
+    for source in (fifo, "/dev/zero"):
+        code, _, err = run(store_dir, "stream", "add", "hostile", str(source), capsys=capsys)
+        assert code == 1 and err.startswith("error: stream 'hostile': source ") and len(err.splitlines()) <= 2
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    (drop / "a.txt").write_text("alpha\n")
+    os.mkfifo(drop / "b.txt")
+    assert run(store_dir, "stream", "add", "d", str(drop), capsys=capsys)[0] == 0
+    code, _, err = run(store_dir, "ingest", "d", capsys=capsys)
+    assert code == 1 and "b.txt: is a FIFO" in err
+    res = run_json(store_dir, "ingest", "d", "--on-bad-rows", "skip", capsys=capsys)
+    assert res["bad_rows"] == {"unreadable": 1} and res["train_docs"] + res["heldout_docs"] == 1

@@ -61,6 +61,15 @@ def test_start_cycle_marks_an_older_running_row_abandoned(engine):
     assert new.status == "running" and new.stream == "b"
 
 
+def test_start_cycle_closes_a_dead_row_whose_version_was_committed_as_committed(engine):
+    died_after_commit = start_cycle(engine, stream="a", policy="full", parent=1, holder="cli:h:1")
+    start_cycle(engine, stream="b", policy="full", parent=2, holder="cli:h:2",
+                outcome=lambda i: ("committed", 2, {"ref": "HEAD"}) if i == died_after_commit else None)
+    old, new = cycles(engine)
+    assert (old.status, old.version) == ("committed", 2) and "after its commit" in old.detail["recovered"]
+    assert new.status == "running"
+
+
 def test_finished_rows_are_not_abandoned_later(engine):
     done = start_cycle(engine, stream="a", policy="full", parent=1, holder="x")
     finish_cycle(engine, done, "committed", version=2, detail={"steps": 5})

@@ -41,6 +41,7 @@ WHOLE_FILE_ERRORS = (EmptyFileError, BlankFileError, BinaryFileError, Unreadable
 HUGE = 1 << 21  # a huge line: 2 MiB, over the text reader's 1 MiB chunk
 
 _names = itertools.count()
+EXAMPLES: dict[str, str] = {}  # a message of each StreamError class seen (the script shows them)
 
 
 # -- valid files --------------------------------------------------------------------------
@@ -53,7 +54,7 @@ def valid_bytes(fmt: str, mode: str, docs: list[str], json_array: bool = False) 
     """A well-formed file of ``fmt`` holding ``docs``."""
     if fmt == "text":
         sep = "\n\n" if mode == "paragraph" else "\n"
-        return (sep.join(docs) + "\n").encode("utf-8", "surrogatepass")
+        return (sep.join(docs) + "\n").encode()
     if fmt in ("jsonl", "json"):
         rows = [{"text": d, "n": i} for i, d in enumerate(docs)]
         if json_array:
@@ -107,9 +108,24 @@ RECORDS = [b'{"text": "ok", "n": "a string now"}', b'{"text": "ok", "n": {"a": [
 
 
 @st.composite
+def deep_json(draw):
+    """A line of deep JSON appended, or every record that deep (a file where depths mix is
+    read with the deep values as JSON strings; one where all are deep is not)."""
+    depth = draw(st.sampled_from([64, 100, 900, 62, 59, 20, 300, 5000, 200_000]))
+    closed = draw(st.integers(0, 3)) != 0
+    body = b"[" * depth + (b"]" * depth if closed else b"")
+    obj = b'{"x": ' * depth + b"1" + b"}" * depth
+    line = draw(st.sampled_from([b'{"text": "d", "x": ' + body + b"}", b'{"text": "d", "x": ' + obj + b"}",
+                                 body, b'{"text": ' + body + b"}"]))
+    if draw(st.booleans()):
+        return ("replace", (line + b"\n") * draw(st.integers(1, 3)))
+    return ("append", line + b"\n")
+
+
+@st.composite
 def mutation(draw, fmt: str):
     kind = draw(st.sampled_from(["truncate", "insert", "junk", "random", "encode", "nul",
-                                 "huge", "deep", "columns", "append", "record", "record",
+                                 "huge", "deep", "deep", "columns", "append", "record", "record",
                                  "parquet" if fmt == "parquet" else "columns"]))
     if kind == "parquet":
         return ("parquet", draw(st.integers(0, len(PARQUETS) - 1)))
@@ -131,11 +147,7 @@ def mutation(draw, fmt: str):
         return ("append", draw(st.sampled_from([b"x" * HUGE + b"\n", b'{"text": "' + b"y" * HUGE + b'"}\n',
                                                 b"z" * HUGE])))
     if kind == "deep":
-        depth = draw(st.sampled_from([100, 5000, 200_000]))
-        closed = draw(st.booleans())
-        body = b"[" * depth + (b"]" * depth if closed else b"")
-        return ("append", draw(st.sampled_from([body + b"\n", b'{"text": "d", "x": ' + body + b"}\n",
-                                                b'{"text": ' + body + b"}\n"])))
+        return draw(deep_json())
     if kind == "columns":
         return ("append", draw(st.sampled_from([b"a,b,c,d,e\n", b"only\n", b'"unclosed,1\n', b",\n",
                                                 b"text,n\n", b"x," * 50 + b"\n", b"\n\n\n"])))
@@ -201,7 +213,10 @@ class Case:
 @st.composite
 def cases(draw, kinds=tuple(KINDS), max_muts: int = 3):
     fmt, mode, ext = draw(st.sampled_from(kinds))
-    muts = draw(st.lists(mutation(fmt), max_size=max_muts))
+    if fmt in ("jsonl", "json") and draw(st.integers(0, 4)) == 0:
+        muts = [draw(deep_json())]  # alone: other mutations would mostly break it first
+    else:
+        muts = draw(st.lists(mutation(fmt), max_size=max_muts))
     extra = draw(st.lists(st.binary(max_size=64), max_size=2))
     return Case(fmt, mode, ext, draw(st.sampled_from(["error", "skip"])),
                 draw(st.sampled_from(["file", "drop", "glob"])), draw(texts),
@@ -225,18 +240,20 @@ def check_error(err: BaseException, case: Case, paths: list[str]) -> None:
     if isinstance(err, BadInputError):
         assert case.on_bad_rows == "error", f"on_bad_rows='skip' did not skip: {msg!r}"
         assert err.path in paths, (err.path, paths)
-        if case.fmt in LINE_FORMATS and not isinstance(err, WHOLE_FILE_ERRORS) \
-                and not (case.fmt == "json" and case.json_array):
+        if case.fmt in LINE_FORMATS and not isinstance(err, WHOLE_FILE_ERRORS):
             assert err.line is not None or err.row is not None, f"no line named: {msg!r}"
 
 
 def fuzz_one(reg, root: str, case: Case) -> str:
-    """``run_case`` in a fresh directory under ``root``, removed afterwards."""
+    """``run_case`` in a fresh directory under ``root``; the directory and the case's
+    stream (its staged data) are removed afterwards."""
     case_dir = tempfile.mkdtemp(dir=root)
     try:
         return run_case(reg, case_dir, case)
     finally:
         shutil.rmtree(case_dir, ignore_errors=True)
+        for spec in reg.list():
+            reg.remove(spec.name)
 
 
 def run_case(reg, root: str, case: Case) -> str:
@@ -268,13 +285,15 @@ def run_case(reg, root: str, case: Case) -> str:
             with open(p, "wb") as f:
                 f.write(data)
             paths.append(p)
-    before, staged = copy.deepcopy(cursor), _staged_rows(reg, name)
+    before, staged, spec = copy.deepcopy(cursor), _staged_rows(reg, name), reg.get(name)
     try:
         res = reg.ingest(name, cursor, stage=True)
     except Exception as err:  # noqa: BLE001 - the property is about which exceptions escape
         check_error(err, case, paths)
         assert cursor == before, "ingest changed the cursor it was given"
         assert _staged_rows(reg, name) == staged, "a failed ingest staged data"
+        assert reg.get(name) == spec, "a failed ingest changed the registration"
+        EXAMPLES.setdefault(type(err).__name__, str(err).replace(root, "…"))
         return type(err).__name__
     assert cursor == before
     check_result(reg, name, case, res, paths, hostile)
