@@ -333,11 +333,9 @@ def checkout_model(
         layer.anchors = dense.pop(f"{name}.anchors", layer.anchors.new_zeros(0, layer.config.d_key))
         layer.background = dense.pop(f"{name}.background", layer.background.new_zeros(layer.num_experts))
         layer.background_batches = dense.pop(f"{name}.background_batches", layer.background_batches.new_zeros(()))
-    for m in model.linear_maps().values():
-        m.input_cov.zero_()  # versions made before input records have none: nothing recorded
     missing, unexpected = model.load_state_dict(dense, strict=False)
-    # Tables live in shards; anchors, background counts and input records are absent from older versions.
-    tables = ("expert_u", "expert_v", "row_keys", "frozen_row_keys", "anchors", "background", "background_batches", "input_cov")
+    # Tables live in shards; anchors and background counts are absent from older versions.
+    tables = ("expert_u", "expert_v", "row_keys", "frozen_row_keys", "anchors", "background", "background_batches")
     missing = [k for k in missing if not k.endswith(tables)]
     if missing or unexpected:
         raise LifelongError(f"version {info.id}: dense weights do not fit the model (missing {missing}, unexpected {unexpected})")

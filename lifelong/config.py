@@ -207,10 +207,6 @@ class CycleConfig:
                                     "text keeps its experts (growth policies)", action=argparse.BooleanOptionalAction)
     top_t: int = _flag(256, "policy sparse: expert rows trained per batch and layer (top-t by TF-IDF against the "
                        "background usage of earlier streams)", type=positive_int, metavar="N")
-    null_space: bool = _flag(False, "freeze-all: the dense linear maps train too, only in directions earlier streams' "
-                             "inputs do not use (their outputs on old text stay put)", action=argparse.BooleanOptionalAction)
-    null_space_energy: float = _flag(0.99, "share of earlier inputs' energy the null-space updates must not touch",
-                                     type=float, metavar="FRACTION")
     isolation_margin: float = _flag(0.1, "relative margin below an anchor's k-th old score that new rows must stay", type=float,
                                     metavar="FRACTION")
     eval_tokens: int = _flag(32_768, "held-out tokens per stream (a stable prefix)", type=positive_int, metavar="TOKENS")
@@ -233,7 +229,6 @@ class CycleConfig:
         require(self.epochs > 0, "epochs", "must be positive")
         require(self.eval_tokens > 0, "eval_tokens", "must be positive")
         require(self.top_t > 0, "top_t", f"must be a positive integer, got {self.top_t}")
-        require(0.0 < self.null_space_energy <= 1.0, "null_space_energy", f"must be in (0, 1], got {self.null_space_energy}")
         require(self.isolation_margin >= 0, "isolation_margin", f"must be >= 0, got {self.isolation_margin}")
 
 

@@ -32,7 +32,6 @@ from .errors import LifelongError
 from .evaluate import (LossMatrix, continual_metrics, evaluate_loss, expert_usage, experts_when_trained, heldout_blocks, loss_matrix,
                        routing_retention, stream_order)
 from .growth import Growth, apply_policy, record_anchors, record_background
-from .subspace import record_inputs
 from .model import PEERLM, resolve_device, sample_text
 from .monitor import Monitor
 from .peer import recording
@@ -152,9 +151,6 @@ def run_cycle(
             if cfg.policy in ("freeze-experts", "freeze-all") and cfg.routing_isolation and growth.isolation is None:
                 log(f"cycle {c.id}: version {parent.id} has no query anchors (made before them, or by a dense model): "
                     "growth without routing isolation")
-            if growth.null_space is not None and growth.null_space.unrecorded:
-                log(f"cycle {c.id}: version {parent.id} has no input record for {len(growth.null_space.unrecorded)} linear "
-                    "maps (made before them): those stay frozen instead of training in their null space")
 
             trained = _train(c, model, new_blocks, data.train_token_count, growth)  # train
             if should_stop is not None and should_stop():
@@ -174,7 +170,6 @@ def run_cycle(
             # This stream's queries and expert usage, kept for later cycles (isolation, sparse) with no text.
             metrics["anchors"] = record_anchors(model, new_blocks, seed=cfg.seed)
             metrics["background_batches"] = record_background(model, new_blocks, cfg.train.batch_size)
-            metrics["input_record_tokens"] = record_inputs(model, new_blocks)
 
             worst = max(metrics["forgetting"].values(), default=0.0)
             guard_failed = cfg.max_forgetting is not None and worst > cfg.max_forgetting

@@ -44,7 +44,6 @@ from .errors import ConfigError
 from .evaluate import evaluate_loss
 from .model import PEERLM
 from .peer import PEERLayer, product_key_topk, recording
-from .subspace import NullSpace
 
 __all__ = [
     "Growth", "RoutingIsolation", "SparseSelection", "apply_policy", "init_new_keys", "record_anchors", "record_background",
@@ -194,14 +193,10 @@ class Growth:
     info: dict[str, Any] = field(default_factory=dict)  # recorded in the version's metrics
     isolation: RoutingIsolation | None = None
     sparse: SparseSelection | None = None  # the rows each step may update (policy sparse)
-    null_space: NullSpace | None = None  # dense maps trained in the null space of old inputs
 
     @property
-    def after_step(self) -> Callable[[], object] | None:
-        steps = [f for f in (self.null_space and self.null_space.project, self.isolation and self.isolation.project) if f]
-        if len(steps) > 1:
-            return lambda: [f() for f in steps]
-        return steps[0] if steps else None
+    def after_step(self) -> Callable[[], int] | None:
+        return self.isolation.project if self.isolation is not None else None
 
 
 @torch.no_grad()
@@ -275,13 +270,9 @@ def apply_policy(model: PEERLM, cfg: CycleConfig, new_blocks: np.ndarray) -> Gro
         for layer in layers.values():
             layer.freeze_query(False)
     info: dict[str, Any] = {"grown_rows": cfg.grow_rows, "routing_isolation": isolation is not None}
-    null_space = None
-    if cfg.policy == "freeze-all" and cfg.null_space:
-        null_space = NullSpace.before_training(model, cfg.null_space_energy)
-        info["null_space_ranks"] = null_space.ranks
     if isolation is not None:
         info["isolation_keys_moved_at_growth"] = isolation.project()
-    return Growth(info, isolation, null_space=null_space)
+    return Growth(info, isolation)
 
 
 def _sparse(model: PEERLM, cfg: CycleConfig) -> Growth:

@@ -79,17 +79,11 @@ class PEERLM(nn.Module):
         self.norm = nn.RMSNorm(c.d_model)
         nn.init.normal_(self.embed.weight, std=0.02)
         nn.init.normal_(self.pos.weight, std=0.01)
-        for m in self.linear_maps().values():  # inputs seen so far, for null-space training (lifelong.subspace)
-            m.register_buffer("input_cov", torch.zeros(m.in_features, m.in_features))  # (d_in, d_in)
 
     # --------------------------------------------------------------------------- parts
     def peer_layers(self) -> dict[str, PEERLayer]:
         """PEER layers by module name, e.g. ``{"blocks.2.ffn": layer}``."""
         return {name: m for name, m in self.named_modules() if isinstance(m, PEERLayer)}
-
-    def linear_maps(self) -> dict[str, nn.Linear]:
-        """The linear maps of the blocks by module name: attention, PEER query nets, dense FFNs."""
-        return {name: m for name, m in self.blocks.named_modules(prefix="blocks") if isinstance(m, nn.Linear)}
 
     def param_groups(self) -> ParamGroups:
         """Trainable parameters by role. Expert tables are buffers updated by RowAdam."""

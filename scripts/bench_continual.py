@@ -13,8 +13,6 @@ training settings for every arm:
     freeze-experts-iso  freeze-experts + routing isolation (query anchors keep new keys
                         out of earlier streams' top-k)
     freeze-all-iso      freeze-all + routing isolation
-    freeze-all-iso-ns   freeze-all-iso + null-space training of the dense linear maps (their
-                        updates avoid the input directions of earlier streams)
     sparse              sparse memory finetuning: per batch only the top-t experts by TF-IDF
                         against earlier streams' usage train; no growth
     replay              control: the better of freeze-experts / freeze-all + 25% replay
@@ -79,7 +77,6 @@ class Arm:
     distill_weight: float = 0.0
     about: str = ""
     isolation: bool = False  # routing isolation of the growth policies (query anchors)
-    null_space: bool = False  # freeze-all: dense maps train in the null space of old inputs
 
 
 ARMS = {
@@ -93,8 +90,6 @@ ARMS = {
         Arm("freeze-all", "peer", "freeze-all", about="PEER, grow + freeze everything old"),
         Arm("freeze-experts-iso", "peer", "freeze-experts", about="PEER, freeze-experts + routing isolation", isolation=True),
         Arm("freeze-all-iso", "peer", "freeze-all", about="PEER, freeze-all + routing isolation", isolation=True),
-        Arm("freeze-all-iso-ns", "peer", "freeze-all", about="PEER, freeze-all + routing isolation + null-space dense updates",
-            isolation=True, null_space=True),
         Arm("sparse", "peer", "sparse", about="PEER, sparse memory finetuning: top-t experts per batch by TF-IDF, no growth"),
         Arm("replay", "peer", None, 0.25, about="best growth policy + 25% replay"),
         Arm("replay-distill", "peer", None, 0.25, 1.0, about="best growth policy + 25% replay + distillation"),
@@ -166,11 +161,10 @@ def model_size(mc: ModelConfig) -> dict[str, int]:
 
 
 def make_cycle_config(s: Sizes, policy: str, budget: int, seed: int, replay: float = 0.0, distill: float = 0.0,
-                      isolation: bool = False, null_space: bool = False) -> CycleConfig:
+                      isolation: bool = False) -> CycleConfig:
     train = TrainConfig(batch_size=s.batch_size, lr=s.lr, expert_lr=s.expert_lr, warmup_steps=s.warmup_steps, seed=seed)
     return CycleConfig(policy=policy, grow_rows=s.grow_rows, token_budget=budget, epochs=s.epochs, replay_ratio=replay,
-                       distill_weight=distill, eval_tokens=s.eval_tokens, seed=seed, train=train, routing_isolation=isolation,
-                       null_space=null_space)
+                       distill_weight=distill, eval_tokens=s.eval_tokens, seed=seed, train=train, routing_isolation=isolation)
 
 
 def say(msg: str) -> None:
@@ -270,7 +264,7 @@ def run_arm(arm: Arm, policy: str, base: Path, root: Path, s: Sizes, args: argpa
     try:
         registry = open_registry(store, progress=False)
         for name in args.stream_order[1:]:
-            cfg = make_cycle_config(s, policy, s.budget, args.seed, arm.replay_ratio, arm.distill_weight, arm.isolation, arm.null_space)
+            cfg = make_cycle_config(s, policy, s.budget, args.seed, arm.replay_ratio, arm.distill_weight, arm.isolation)
             result = run_cycle(store, registry, name, cfg, device=args.device, progress=args.progress, log=lambda m: None)
             rec = cycle_record(result)
             cycles.append(rec)

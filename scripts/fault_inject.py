@@ -1,14 +1,15 @@
 """Exhaustive I/O fault injection: every filesystem and database write of each operation
-fails in turn, once with ENOSPC and once with EIO (the harness is ``tests/faultlib.py``).
+fails in turn, once with ENOSPC and once with EIO (the harness is ``tests/faultlib.py``,
+the operations ``tests/faultops.py``).
 
 For each operation — a store's first commit, an incremental commit (delta, reused and new
 shards), ``lifelong ingest`` (staging), a cycle's commit with its cursor move, ``lifelong
-gc``, ``lifelong rollback``, ``lifelong tag`` — point N = 1, 2, … fails until a run
+gc``, ``lifelong rollback``, ``lifelong tag``, ``lifelong init`` — point N = 1, 2, … fails until a run
 completes with no failure left to inject. After each failure: the store is at the state
 before or after, ``verify`` is clean and HEAD loads, the user got one line in their words
 (exit 1, no traceback), the retry succeeds, and ``gc --grace 0`` leaves nothing behind.
 
-    python scripts/fault_inject.py                        # everything (a few minutes)
+    python scripts/fault_inject.py                        # everything (~1 h on 2 busy cores)
     python scripts/fault_inject.py --ops gc,tag --errnos EIO -v
     python scripts/fault_inject.py --points               # list every injection point
 """
@@ -27,26 +28,27 @@ sys.path.insert(0, str(ROOT))
 sys.path.append(str(ROOT / "tests"))
 
 import faultlib  # noqa: E402
+import faultops  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ops", default=",".join(faultlib.OPERATIONS),
-                        help=f"comma-separated, of: {', '.join(faultlib.OPERATIONS)}")
+    parser.add_argument("--ops", default=",".join(faultops.OPERATIONS),
+                        help=f"comma-separated, of: {', '.join(faultops.OPERATIONS)}")
     parser.add_argument("--errnos", default="ENOSPC,EIO", help="comma-separated, of: ENOSPC, EIO")
     parser.add_argument("--points", action="store_true", help="list every injection point of each operation")
     parser.add_argument("-v", "--verbose", action="store_true", help="one line per injected failure")
     parser.add_argument("--json", action="store_true", help="print the reports as JSON")
     args = parser.parse_args(argv)
     ops = [o for o in args.ops.split(",") if o]
-    unknown = [o for o in ops if o not in faultlib.OPERATIONS]
+    unknown = [o for o in ops if o not in faultops.OPERATIONS]
     if unknown:
         parser.error(f"unknown operation(s): {', '.join(unknown)}")
     log = (lambda line: print(f"  {line}", file=sys.stderr, flush=True)) if args.verbose else None
     reports = []
     for name in ops:
         for errno_name in args.errnos.split(","):
-            report = faultlib.sweep(faultlib.OPERATIONS[name](), faultlib.ERRNOS[errno_name], log=log)
+            report = faultlib.sweep(faultops.OPERATIONS[name](), faultlib.ERRNOS[errno_name], log=log)
             reports.append(report)
             if not args.json:
                 kinds = ", ".join(f"{k} {n}" for k, n in sorted(report.kinds.items()))

@@ -133,7 +133,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     v = store.version(args.version)
     if args.json:
         data = _version_dict(v)
-        data.update(config=v.config, cursors=v.cursors, shards=[{**s.__dict__, "created_at": str(s.created_at)} for s in v.shards])
+        data.update(config=v.config, cursors=v.cursors, shards=[{**s.__dict__, "created_at": str(s.created_at), "parts": [p.__dict__ for p in s.parts]}
+                                                             for s in v.shards])
         print_json(data)
         return 0
     print(f"version {v.id}  parent {v.parent}  {v.created_at:%Y-%m-%d %H:%M:%S} UTC\n  {v.message}")
@@ -145,7 +146,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         return "yes" if (s.row_end <= rows if rows is not None else s.frozen) else "no"
 
     rows = [(s.id, s.layer, f"{s.row_start}-{s.row_end}", s.n_experts, s.dtype, s.bytes, frozen(s),
-             f"delta on {s.base_id}" if s.base_id is not None else "-", s.object_hash[:12]) for s in v.shards]
+             f"delta on {s.base_id}" if s.base_id is not None else f"{len(s.parts)} column parts" if s.parts else "-",
+             s.object_hash[:12]) for s in v.shards]
     print_table(["shard", "layer", "rows", "experts", "dtype", "bytes", "frozen", "stored as", "object"], rows)
     run = v.config.get("run")
     if run:

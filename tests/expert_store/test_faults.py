@@ -20,6 +20,7 @@ from sqlalchemy.exc import OperationalError
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # tests/: the harness
 
 import faultlib  # noqa: E402
+import faultops  # noqa: E402
 from expert_store import ExpertStore, NewShard, StoreWriteError, atomic_write  # noqa: E402
 
 
@@ -34,7 +35,7 @@ CASES = [("commit-first", errno.ENOSPC), ("commit-incremental", errno.EIO), ("ro
 
 @pytest.mark.parametrize("name, err", CASES, ids=[f"{n}-{errno.errorcode[e]}" for n, e in CASES])
 def test_a_failed_write_leaves_before_or_after(name: str, err: int, tmp_path: Path) -> None:
-    report = faultlib.sweep(faultlib.OPERATIONS[name](), err, work=tmp_path, sample=lambda p: p.kind)
+    report = faultlib.sweep(faultops.OPERATIONS[name](), err, work=tmp_path, sample=lambda p: p.kind)
     _check(report)
     if name.startswith("commit"):  # every kind of call a commit makes was broken once
         assert {"open", "write", "fsync", "replace", "mkdir", "chmod", "db-write", "db-commit"} <= set(report.kinds)

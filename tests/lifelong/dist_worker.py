@@ -25,13 +25,10 @@ import torch
 import torch.distributed as tdist
 import torch.distributed.distributed_c10d as c10d
 
-sys.path.insert(0, str(Path(__file__).parent))
-from conftest import make_tiny_config  # noqa: E402
-
-from lifelong.config import TrainConfig  # noqa: E402
-from lifelong.distributed import Dist, init_from_env, shutdown  # noqa: E402
-from lifelong.model import PEERLM  # noqa: E402
-from lifelong.train import random_batches, train  # noqa: E402
+from lifelong.config import ModelConfig, TrainConfig
+from lifelong.distributed import Dist, init_from_env, shutdown
+from lifelong.model import PEERLM
+from lifelong.train import random_batches, train
 
 
 def blocks(n: int = 64, length: int = 33, seed: int = 1) -> np.ndarray:
@@ -41,11 +38,11 @@ def blocks(n: int = 64, length: int = 33, seed: int = 1) -> np.ndarray:
     return out
 
 
-def train_state(dist: Dist | None, steps: int = 4) -> dict[str, torch.Tensor]:
-    """A tiny model grown and trained ``steps`` steps on fixed batches: its state (the expert
-    tables whole: the ranks' slices side by side), the expert rows' optimizer state, the losses."""
+def train_state(dist: Dist | None, config: ModelConfig, steps: int = 4) -> dict[str, torch.Tensor]:
+    """A model of ``config`` grown and trained ``steps`` steps on fixed batches: its state (the
+    expert tables whole: the ranks' slices side by side), the expert rows' optimizer state, the losses."""
     torch.manual_seed(0)
-    model = PEERLM(make_tiny_config(peer_layers=[1]))
+    model = PEERLM(config)
     for layer in model.peer_layers().values():
         layer.freeze()
         layer.grow(2)
@@ -231,9 +228,13 @@ def check_cycles(dist: Dist, dp: str, ep: str) -> dict[str, Any]:
 
 
 def main(out: str, store: str, dp: str, ep: str) -> None:
+    sys.path.insert(0, str(Path(__file__).parent))  # run as a script: the tests' conftest is importable
+    from conftest import make_tiny_config
+
     dist = init_from_env("cpu", expert_parallel=True)
     assert dist is not None, "run me under torchrun"
-    results = {"layer": check_layer(dist), "train": train_state(dist), "store": check_store(dist, store),
+    results = {"layer": check_layer(dist), "train": train_state(dist, make_tiny_config(peer_layers=[1])),
+               "store": check_store(dist, store),
                "cycles": check_cycles(dist, dp, ep)}
     torch.save(results, f"{out}/rank{dist.rank}.pt")
     dist.barrier()

@@ -13,6 +13,7 @@ from pathlib import Path
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # tests/: the harness
 
 import faultlib  # noqa: E402
+import faultops  # noqa: E402
 
 SITES = (("write", "objects.py"), ("db-commit", "store.py"), ("db-write", "finish_cycle"))
 
@@ -21,7 +22,7 @@ def test_a_cycle_commit_under_faults(tmp_path: Path) -> None:
     def site(point: faultlib.Point) -> object:  # one point of each site above, and the last (the lease)
         return next((s for s in SITES if point.kind == s[0] and s[1] in point.where), None)
 
-    report = faultlib.sweep(faultlib.cycle(), errno.EIO, work=tmp_path, sample=site)
+    report = faultlib.sweep(faultops.cycle(), errno.EIO, work=tmp_path, sample=site)
     assert report.failures == [], "\n".join(report.failures)
     assert report.injected == len(SITES) + 1  # and the last point: the lease's release
     assert report.tolerated == 2  # the row and the lease, after the commit: warnings

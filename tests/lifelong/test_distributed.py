@@ -85,7 +85,7 @@ def ranks(trained, tmp_path_factory, tiny_config):
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", WORKER,
                              str(root), str(root / "store"), str(dp), str(ep)], env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    reference = train_state(None)  # the 1-process training, meanwhile
+    reference = train_state(None, tiny_config(peer_layers=[1]))  # the 1-process training, meanwhile
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-6000:]
     got = [torch.load(root / f"rank{r}.pt", weights_only=False) for r in (0, 1)]

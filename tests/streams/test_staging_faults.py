@@ -15,6 +15,7 @@ from sqlalchemy import create_engine
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # tests/: the harness
 
 import faultlib  # noqa: E402
+import faultops  # noqa: E402
 from streams import IngestResult, StreamWriteError  # noqa: E402
 from streams.fsutil import atomic_write_bytes, write_errors  # noqa: E402
 from streams.schema import metadata  # noqa: E402
@@ -22,7 +23,7 @@ from streams.staging import list_staged, save_staged  # noqa: E402
 
 
 def test_lifelong_ingest_under_faults(tmp_path: Path) -> None:
-    report = faultlib.sweep(faultlib.ingest(), errno.ENOSPC, work=tmp_path, sample=lambda p: p.kind)
+    report = faultlib.sweep(faultops.ingest(), errno.ENOSPC, work=tmp_path, sample=lambda p: p.kind)
     assert report.failures == [], "\n".join(report.failures)
     assert {"db-write", "db-commit", "mkdir"} <= set(report.kinds)
 
