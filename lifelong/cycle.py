@@ -129,6 +129,8 @@ def run_cycle(
     if dist is not None and should_stop is not None:  # a stop on any rank stops every rank at the same point
         local_stop = should_stop
         should_stop = lambda: dist.any(local_stop())  # noqa: E731
+    if dist is not None:  # every rank must see rank 0's objects (one directory on every host)
+        dist.check_shared_store(store)
     with _lease(store, holder, wait_s, dist, log) as lease:
         parent, data, cfg = _on_main(dist, lambda: _prepare(store, registry, stream, cfg, log))  # ingest
         with _cycle_row(store, stream, cfg, parent.id, holder, dist, log) as row:

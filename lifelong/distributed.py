@@ -40,6 +40,9 @@ import torch.distributed as tdist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from expert_store import StoreNotSharedError, check_share_marker, write_share_marker
+from expert_store.sharing import CHECK_TIMEOUT_S
+
 from .errors import ConfigError, LifelongError
 
 __all__ = ["Dist", "DistributedError", "RankError", "init_from_env", "shutdown", "sharded_group", "sync_batch_norm",
@@ -142,6 +145,22 @@ class Dist:
             raise
         self.broadcast((True, result))
         return result
+
+    def check_shared_store(self, store: Any, timeout_s: float = CHECK_TIMEOUT_S) -> None:
+        """Before any training: rank 0 writes a marker object, every other rank must read it
+        back from its own store path (the hosts mount one directory). Raises
+        :class:`~expert_store.StoreNotSharedError` on every rank when any rank cannot."""
+        token = self.on_main(lambda: write_share_marker(store))
+        error: StoreNotSharedError | None = None
+        if not self.is_main:
+            try:
+                check_share_marker(store, token, timeout_s=timeout_s)
+            except StoreNotSharedError as exc:
+                error = exc
+        if self.any(error is not None):
+            raise error or StoreNotSharedError(
+                "the store directory is not shared between hosts: another rank cannot read the marker object rank 0 wrote "
+                f"({token[:12]}); mount the same directory at the store path on every host")
 
     def _obj_device(self) -> torch.device | None:
         return self.device if self.device.type == "cuda" else None
