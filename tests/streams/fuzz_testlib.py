@@ -76,6 +76,8 @@ def valid_bytes(fmt: str, mode: str, docs: list[str], json_array: bool = False) 
 
 def expected_docs(fmt: str, mode: str, docs: list[str]) -> list[str] | None:
     """The documents an ingest of ``valid_bytes`` gives back, where simple to say."""
+    if fmt in ("text", "csv") and any("\x00" in d for d in docs):
+        return None  # NUL bytes make a text or CSV file binary: an error, or skipped whole
     if fmt != "text":
         return [d for d in docs if d.strip()]
     if mode == "file":  # the reader translates universal newlines
