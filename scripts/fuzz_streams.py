@@ -9,8 +9,8 @@ file (and line), with the cursor and the staged data unchanged (the property of
 hundred cases). Failures are counted, not shrunk; ``--stop`` stops at the first one and
 lets hypothesis shrink it.
 
-    python scripts/fuzz_streams.py            # 500 cases
-    python scripts/fuzz_streams.py --long     # 10,000 cases (the figure in docs/streams.md)
+    python scripts/fuzz_streams.py                       # 500 cases
+    python scripts/fuzz_streams.py --long --examples     # 10,000 (the figure in docs/streams.md)
 """
 
 from __future__ import annotations
