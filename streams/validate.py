@@ -159,6 +159,8 @@ def _check_record(path: str, obj: object, text_field: str, **where: int) -> BadI
     if not isinstance(obj[text_field], str):
         return FieldTypeError(path, f"field {text_field!r} is {type(obj[text_field]).__name__}, "
                               "expected a string", **where)
+    if "\x00" in obj[text_field]:  # a \u0000 escape: text never holds it (and PostgreSQL text cannot)
+        return EncodingError(path, f"NUL character in field {text_field!r} (binary data?)", **where)
     return None
 
 

@@ -31,6 +31,8 @@ CASES = [
      EncodingError, "line 1", {"encoding": 1}, ["fine one", "fine two", "plain"]),
     ("latin1json", b'{"text": "caf\xe9"}\n{"text": "ok"}\n', "jsonl",
      EncodingError, "line 1", {"encoding": 1}, ["fine one", "fine two", "ok"]),
+    ("nuljson", b'{"text": "ok"}\n{"text": "a \\u0000 b"}\n', "jsonl",  # PostgreSQL text cannot hold it either
+     EncodingError, "line 2", {"encoding": 1}, ["fine one", "fine two", "ok"]),
     ("empty", b"", "jsonl", EmptyFileError, "empty", {"empty_file": 1}, ["fine one", "fine two"]),
     ("blank", b"\n\n  \n\n", "text", BlankFileError, "blank", {"blank_file": 1}, ["fine one", "fine two"]),
     ("binary", bytes(range(256)) * 40, "text", BinaryFileError, "binary", {"binary_file": 1},
