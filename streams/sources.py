@@ -11,6 +11,7 @@ import glob
 import os
 import re
 import socket
+import threading
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -256,13 +257,23 @@ def _batches(ds: Any, field: str, where: Any, start_row: int) -> Iterator[tuple[
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub answers within ``timeout`` seconds, name lookup included (the socket
+    timeout does not cover DNS, which can hang for tens of seconds without a network)."""
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     host = urlparse(endpoint).hostname or "huggingface.co"
-    try:
-        with socket.create_connection((host, 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
+    answered: list[bool] = []
+
+    def connect() -> None:
+        try:
+            with socket.create_connection((host, 443), timeout=timeout):
+                answered.append(True)
+        except OSError:
+            answered.append(False)
+
+    probe = threading.Thread(target=connect, daemon=True)  # left behind if the lookup hangs
+    probe.start()
+    probe.join(timeout)
+    return bool(answered and answered[0])
 
 
 def _offline() -> bool:

@@ -23,6 +23,8 @@ from lifelong.cli.main import STORE_ENV, main
 from lifelong.config import CycleConfig, ModelConfig, PEERConfig, TrainConfig, config_to_dict, cycle_config, load_config
 from lifelong.errors import ConfigError
 
+# LIFELONG_FUZZ_SCALE=N multiplies the cases (the long run: N=40 gives 10,800; docs/streams.md)
+SCALE = int(os.environ.get("LIFELONG_FUZZ_SCALE", "1"))
 FUZZ = settings(deadline=None, derandomize=True, database=None, print_blob=False,
                 suppress_health_check=list(HealthCheck))
 TINY = ["--rows", "8", "--cols", "8", "--d-model", "32", "--layers", "2", "--heads", "2", "--top-k", "4",
@@ -132,7 +134,7 @@ def command_lines(draw, world):
 
 
 def test_random_command_lines_never_raise_a_traceback(world, capsys):
-    @settings(FUZZ, max_examples=120)
+    @settings(FUZZ, max_examples=120 * SCALE)
     @given(command_lines(world))
     def check(argv):
         run_cli(argv, capsys)
@@ -188,7 +190,7 @@ def config_files(draw):
 def test_config_files_load_or_raise_config_error(tmp_path):
     path = tmp_path / "config.json"
 
-    @settings(FUZZ, max_examples=150)
+    @settings(FUZZ, max_examples=150 * SCALE)
     @given(config_files())
     def check(raw):
         path.write_bytes(raw)
