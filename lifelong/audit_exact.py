@@ -25,6 +25,7 @@ from typing import Any
 import faiss
 import numpy as np
 import torch
+import torch.distributed as tdist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -235,18 +236,35 @@ def compare_topk(
     return out
 
 
-def router_usage(ids: Tensor, weights: Tensor, num_experts: int) -> tuple[float, int, float]:
+def router_usage(ids: Tensor, weights: Tensor, num_experts: int, dist: Any = None) -> tuple[float, int, float]:
     """Expert usage and unevenness from router ids and gate weights (same shape, any).
 
     Returns (share of experts retrieved at least once, experts used, KL(p || uniform) in nats)
     where ``p`` is the accumulated gate weight per expert, normalised (PEER paper Table 2).
+    With ``dist`` (a :class:`lifelong.distributed.Dist`), over every rank's ids and weights.
     """
     acc = torch.zeros(num_experts, dtype=torch.float64)
     acc.index_add_(0, ids.reshape(-1).cpu(), weights.reshape(-1).cpu().double())
-    hit = torch.zeros(num_experts, dtype=torch.bool)
-    hit[ids.reshape(-1).cpu()] = True
-    used = int(hit.sum())
+    hit = torch.zeros(num_experts, dtype=torch.float64)
+    hit[ids.reshape(-1).cpu()] = 1.0
+    if dist is not None:
+        both = dist.sum_(torch.cat([acc, hit]).to(dist.device)).cpu()
+        acc, hit = both[:num_experts], both[num_experts:]
+    used = int((hit > 0).sum())
     return used / num_experts, used, kl_to_uniform(acc)
+
+
+_COUNTS = ("queries", "slots", "hits", "tied_ids", "missed_ids", "exact_matches", "tie_matches", "rank_agreements", "duplicate_ids")
+
+
+def _sum_stats(per_head: list[RetrievalStats], dist: Any) -> list[RetrievalStats]:
+    """Every rank's per-head counts summed (``max_score_diff``: the maximum) on every rank."""
+    counts = torch.tensor([[getattr(s, f) for f in _COUNTS] for s in per_head], dtype=torch.int64, device=dist.device)
+    diffs = torch.tensor([s.max_score_diff for s in per_head], dtype=torch.float64, device=dist.device)
+    dist.sum_(counts)
+    tdist.all_reduce(diffs, op=tdist.ReduceOp.MAX, group=dist.group)
+    return [RetrievalStats(k=s.k, max_score_diff=float(d), **dict(zip(_COUNTS, (int(x) for x in row))))
+            for s, row, d in zip(per_head, counts.cpu().tolist(), diffs.cpu().tolist())]
 
 
 @torch.no_grad()
@@ -258,20 +276,31 @@ def audit_layer(
     use_gpu: bool | None = None,
     name: str = "",
     progress: bool = False,
+    dist: Any = None,
 ) -> LayerAudit:
-    """Audit one layer on queries (Q, h, dk) (after the query BatchNorm, e.g. from :func:`capture_queries`)."""
+    """Audit one layer on queries (Q, h, dk) (after the query BatchNorm, e.g. from :func:`capture_queries`).
+
+    With ``dist`` (a :class:`lifelong.distributed.Dist`, every rank passing the same queries),
+    each rank searches and compares only its share ``dist.share(Q)`` of the queries and the
+    counts and usage are summed over ranks: every rank returns the whole layer's result."""
     c = layer.config
     if queries.ndim != 3 or tuple(queries.shape[1:]) != (c.heads, c.d_key):
         raise AuditError(f"queries for layer {name or '?'} must be (Q, heads={c.heads}, d_key={c.d_key}), got {tuple(queries.shape)}")
     if queries.shape[0] == 0:
         raise NoQueriesError(f"no queries to audit for layer {name or '?'}")
-    Q, h, k = queries.shape[0], c.heads, c.top_k
+    tokens, h, k = queries.shape[0], c.heads, c.top_k
+    if dist is not None:
+        queries = queries[dist.share(tokens)]  # this rank's tokens
+    Q = queries.shape[0]
     device = layer.col_keys.device
     gpu = _gpu_available() if use_gpu is None else use_gpu
     rows = default_chunk_rows(layer) if chunk_rows is None else chunk_rows
 
     t0 = time.perf_counter()
-    ex_s, ex_i = exact_topk(layer, queries.reshape(Q * h, -1), k, rows, gpu, progress)  # (Q*h, k)
+    if Q:
+        ex_s, ex_i = exact_topk(layer, queries.reshape(Q * h, -1), k, rows, gpu, progress)  # (Q*h, k)
+    else:  # a rank with no share (fewer tokens than ranks)
+        ex_s, ex_i = torch.zeros(0, k), torch.zeros(0, k, dtype=torch.long)
     ex_s, ex_i = ex_s.view(Q, h, k), ex_i.view(Q, h, k)
     t1 = time.perf_counter()
     r_s, r_i = [], []
@@ -279,7 +308,8 @@ def audit_layer(
         s, i = layer.retrieve(queries[a : a + _ROUTER_TOKENS].to(device, layer.col_keys.dtype))  # (c, h, k)
         r_s.append(s.cpu())
         r_i.append(i.cpu())
-    router_s, router_i = torch.cat(r_s), torch.cat(r_i)  # (Q, h, k)
+    router_s = torch.cat(r_s) if r_s else torch.zeros(0, h, k)  # (Q, h, k)
+    router_i = torch.cat(r_i) if r_i else torch.zeros(0, h, k, dtype=torch.long)
     t2 = time.perf_counter()
 
     per_head = [RetrievalStats(k=k) for _ in range(h)]
@@ -289,11 +319,13 @@ def audit_layer(
         true = _true_scores(layer, cpu_layer_q[a:b].to(device), router_i[a:b].to(device)).cpu()  # (c, h, k)
         chunk = compare_topk(router_s[a:b], router_i[a:b], ex_s[a:b], ex_i[a:b], true, tie_rtol)
         per_head = [x.merge(y) for x, y in zip(per_head, chunk)]
+    if dist is not None:
+        per_head = _sum_stats(per_head, dist)
     total = RetrievalStats(k=k)
     for s in per_head:
         total = total.merge(s)
     gates = router_s.softmax(-1) if c.score == "softmax" else router_s.sigmoid()  # (Q, h, k)
-    usage, used, kl = router_usage(router_i, gates, layer.num_experts)
+    usage, used, kl = router_usage(router_i, gates, layer.num_experts, dist)
     t3 = time.perf_counter()
     return LayerAudit(
         name=name,
@@ -304,7 +336,7 @@ def audit_layer(
         top_k=k,
         d_key=c.d_key,
         candidates=c.candidates,
-        tokens=Q,
+        tokens=tokens,
         total=total,
         per_head=per_head,
         usage=usage,
@@ -329,8 +361,12 @@ def audit_model(
     use_gpu: bool | None = None,
     progress: bool = True,
     extra: Mapping[str, Any] | None = None,
+    dist: Any = None,
 ) -> AuditReport:
-    """Capture queries from held-out token blocks (n, L) and audit every PEER layer of ``model``."""
+    """Capture queries from held-out token blocks (n, L) and audit every PEER layer of ``model``.
+
+    With ``dist``: every rank captures the same queries (the model forward is the cheap part)
+    and audits its share of them (:func:`audit_layer`); every rank returns the summed report."""
     start = time.perf_counter()
     layers = _peer_layers(model)
     captured = capture_queries(model, blocks, batch_size, max_queries, progress)
@@ -338,7 +374,7 @@ def audit_model(
     bar = tqdm(layers.items(), desc="audit: layers", unit="layer", disable=not progress, leave=False)
     for name, layer in bar:
         bar.set_postfix(layer=name)
-        results[name] = audit_layer(layer, captured[name], chunk_rows, tie_rtol, use_gpu, name, progress)
+        results[name] = audit_layer(layer, captured[name], chunk_rows, tie_rtol, use_gpu, name, progress, dist)
     bar.close()
     n_blocks = int(np.asarray(blocks).shape[0]) if not isinstance(blocks, Tensor) else int(blocks.shape[0])
     return AuditReport(layers=results, blocks=n_blocks, seconds=time.perf_counter() - start, extra=dict(extra or {}))

@@ -7,6 +7,8 @@ and TensorBoard.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from expert_store import ExpertStore
@@ -34,8 +36,13 @@ def audit_version(
     progress: bool = True,
     monitor: Monitor | None = None,
     record: bool = True,
+    dist: Any = None,
 ) -> AuditReport:
-    """Audit version ``spec`` on held-out text of ``streams`` (default: every stream it was trained on)."""
+    """Audit version ``spec`` on held-out text of ``streams`` (default: every stream it was trained on).
+
+    With ``dist`` (a :class:`lifelong.distributed.Dist`): every rank takes the same held-out
+    queries and audits its share of them (:func:`lifelong.audit_exact.audit_layer`); the counts
+    are summed, and rank 0 alone records the audit and writes to ``monitor``."""
     if store.head() is None:
         raise AuditError(f"the store at {store.path} has no versions to audit")
     info = store.version(spec)
@@ -44,7 +51,7 @@ def audit_version(
         raise AuditError("no streams to take held-out text from: add one with `lifelong stream add`")
     for name in names:
         registry.get(name)  # unknown stream: clear error
-    model, _ = checkout_model(store, info.id, device=device)
+    model, _ = checkout_model(store, info.id, device=dist.device if dist is not None else device)
     mc = model.config
     blocks = heldout_blocks(registry, names, mc.block_size, mc.pad_id, max(mc.block_size + 1, 4 * max_queries // len(names)))
     if len(blocks) == 0:
@@ -54,8 +61,10 @@ def audit_version(
         )
     report = audit_model(
         model, blocks, max_queries=max_queries, chunk_rows=chunk_rows, progress=progress,
-        extra={"version": info.id, "streams": names},
+        extra={"version": info.id, "streams": names}, dist=dist,
     )
+    if dist is not None and not dist.is_main:
+        return report
     if record:
         record_audit(store.engine, info.id, int(report.total.queries), float(report.min_recall), report.to_dict())
     if monitor is not None:

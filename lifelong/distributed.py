@@ -17,7 +17,8 @@ them all down when one dies; collectives run on gloo (CPU) or NCCL (GPU).
 - Rank 0 alone holds the cycle lease, writes the store's rows and moves the cursor
   (:meth:`Dist.on_main` runs a step there and hands its result, or its error, to every rank).
 - Evaluation splits each batch's rows across ranks and sums (loss, tokens) and router usage.
-  The retrieval audit is not part of a cycle and runs in one process (``lifelong audit``).
+  The retrieval audit is not part of a cycle; ``lifelong audit --nproc N`` splits its queries
+  across ranks the same way and sums the counts (:func:`lifelong.audit_exact.audit_layer`).
 
 Nothing changes when not distributed: every caller takes ``dist=None`` as "one process".
 """

@@ -11,6 +11,7 @@ import glob
 import os
 import re
 import socket
+import tempfile
 import threading
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -224,9 +225,12 @@ def read_rows(spec: StreamSpec, path: str, start_row: int = 0,
         kwargs = {"sample_by": _SAMPLE_BY[spec.text_mode], "chunksize": TEXT_CHUNK}
     field = "text" if spec.format == "text" else spec.text_field
     try:
-        ds = load_dataset(_BUILDER[spec.format], data_files=[src], split="train",
-                          streaming=True, **kwargs)
-        yield from _batches(ds, field, path, start_row)
+        # datasets leaves a lock file per read in its cache dir: a private one, removed after
+        # (the user's ~/.cache held 64k of them after the test suite, and slowed every lookup)
+        with tempfile.TemporaryDirectory(prefix="lifelong-read-", ignore_cleanup_errors=True) as cache:
+            ds = load_dataset(_BUILDER[spec.format], data_files=[src], split="train",
+                              streaming=True, cache_dir=cache, **kwargs)
+            yield from _batches(ds, field, path, start_row)
     except BadInputError:
         raise
     except (Exception, StopIteration) as exc:
