@@ -296,6 +296,12 @@ def read_hub_rows(spec: StreamSpec, start_row: int = 0) -> Iterator[tuple[int, l
             "HF_DATASETS_OFFLINE=1 to use a cached copy")
     from datasets import load_dataset
 
+    if _offline():  # the libraries read these variables once, at import: make them agree now
+        import datasets.config
+        import huggingface_hub.constants
+
+        datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
+        datasets.config.HF_DATASETS_OFFLINE = True
     try:
         ds = load_dataset(name, spec.hub_config, split=spec.split, streaming=True)
         yield from _batches(ds, spec.text_field, name, start_row)
