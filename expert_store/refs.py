@@ -75,7 +75,7 @@ def resolve(session: Session, spec: int | str) -> int:
                 f"unknown version {spec!r}: no ref or tag named {base!r} "
                 f"(known: {_known_names(session)}) and not a version id"
             )
-    row = session.get(Version, version_id)
+    row = session.get(Version, version_id) if 0 < version_id < 2**63 else None  # ids are 64-bit integers
     if row is None:
         raise UnknownVersionError(f"unknown version {spec!r}: there is no version {version_id}")
     for step in range(back):

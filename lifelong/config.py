@@ -266,7 +266,7 @@ def cycle_config(settings: argparse.Namespace | Mapping[str, Any] | None = None,
     if isinstance(settings, Mapping):
         unknown = sorted(set(settings) - set(_settings_fields()))
         if unknown:
-            raise ConfigError(f"unknown cycle setting(s): {', '.join(unknown)}")
+            raise ConfigError(f"unknown cycle setting(s): {_names(unknown)}")
     given = cycle_settings(settings or {})
     data = _read_json(file) if file is not None else {}
     train = data.pop("train", None) or {}
@@ -283,6 +283,11 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+def _names(names: list[str]) -> str:
+    """Field names for a one-line message: as they are, or quoted when not printable."""
+    return ", ".join(n if str(n).isprintable() else repr(n) for n in names)
+
+
 def config_from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
     """Build ``cls`` from a dict (nested configs as dicts), rejecting unknown fields by name."""
     if not isinstance(data, Mapping):
@@ -290,7 +295,7 @@ def config_from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(f"unknown config field(s) for {cls.__name__}: {', '.join(unknown)}")
+        raise ConfigError(f"unknown config field(s) for {cls.__name__}: {_names(unknown)}")
     kwargs = dict(data)
     for name, value in data.items():
         nested = fields[name].default_factory

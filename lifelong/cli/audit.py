@@ -36,7 +36,10 @@ def cmd_audit(args: argparse.Namespace) -> int:
         return _launch(args)
     dist = init_from_env(args.device)
     try:
-        return _cmd_audit(args, dist)
+        code = _cmd_audit(args, dist)
+        if dist is not None:
+            dist.barrier()  # leave together: a rank tearing gloo down while rank 0 still reports aborts
+        return code
     except RankError:  # rank 0 failed and said why
         return 1
     except LifelongError:
