@@ -394,6 +394,17 @@ def shutdown() -> None:
         tdist.destroy_process_group()
 
 
+def relaunch(argv: list[str], nproc: int) -> int:
+    """Become ``torchrun`` running ``lifelong argv`` on ``nproc`` local processes (exec:
+    signals then reach torchrun, which stops every rank). Does not return."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))  # the cores shared out
+    os.execve(sys.executable, launch_args(argv, nproc), env)
+    return 1  # pragma: no cover
+
+
 def launch_args(argv: list[str], nproc: int) -> list[str]:
     """The ``python -m torch.distributed.run`` command that reruns ``lifelong argv`` on
     ``nproc`` local processes (``--nproc`` removed from ``argv``)."""

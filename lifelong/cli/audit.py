@@ -16,17 +16,11 @@ from .common import CLIError, add_parser, open_store, print_json
 
 def _launch(args: argparse.Namespace) -> int:
     """``--nproc N``: become ``torchrun`` running this command on N local processes."""
-    from ..distributed import launch_args
+    from ..distributed import relaunch
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise CLIError("--nproc given inside a torchrun launch", hint="use either --nproc N or torchrun, not both")
-    argv = getattr(args, "argv", None) or sys.argv[1:]
-    sys.stdout.flush()
-    sys.stderr.flush()
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))  # the cores shared out
-    os.execve(sys.executable, launch_args(argv, args.nproc), env)  # signals now reach torchrun, which stops every rank
-    return 1  # pragma: no cover
+    return relaunch(getattr(args, "argv", None) or sys.argv[1:], args.nproc)
 
 
 def cmd_audit(args: argparse.Namespace) -> int:

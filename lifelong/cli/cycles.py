@@ -101,7 +101,7 @@ def _print_result(res: CycleResult, store: ExpertStore, cfg: CycleConfig, parent
 
 def _launch(args: argparse.Namespace, cfg: CycleConfig) -> int:
     """``--nproc N``: check the layout, then become ``torchrun`` running this command on N processes."""
-    from ..distributed import check_layout, launch_args
+    from ..distributed import check_layout, relaunch
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise CLIError("--nproc given inside a torchrun launch", hint="use either --nproc N or torchrun, not both")
@@ -109,13 +109,7 @@ def _launch(args: argparse.Namespace, cfg: CycleConfig) -> int:
     d_model = int(store.config.get("model", {}).get("d_model", 0)) or None
     store.close()
     check_layout(args.nproc, cfg.train.batch_size, d_model, args.expert_parallel)
-    argv = getattr(args, "argv", None) or sys.argv[1:]
-    sys.stdout.flush()
-    sys.stderr.flush()
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))  # the cores shared out
-    os.execve(sys.executable, launch_args(argv, args.nproc), env)  # signals now reach torchrun, which stops every rank
-    return 1  # pragma: no cover
+    return relaunch(getattr(args, "argv", None) or sys.argv[1:], args.nproc)
 
 
 def cmd_cycle(args: argparse.Namespace) -> int:
