@@ -50,7 +50,7 @@ from .records import (
     VersionInfo,
 )
 from .residency import Checkout, Residency
-from .schema import SCHEMA_VERSION
+from .schema import SCHEMA_VERSION, write_begin
 from .slices import Columns
 from .sharing import check_share_marker, write_share_marker
 from .store import ExpertStore
@@ -76,6 +76,7 @@ __all__ = [
     "Checkout",
     "atomic_write",
     "SCHEMA_VERSION",
+    "write_begin",
     "StoreError",
     "NotAStoreError",
     "StoreExistsError",

@@ -19,12 +19,13 @@ from __future__ import annotations
 import json
 import math
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, ContextManager
 
 from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    Connection,
     DateTime,
     Engine,
     ForeignKey,
@@ -58,6 +59,7 @@ __all__ = [
     "check_schema",
     "utcnow",
     "WRITE",
+    "write_begin",
 ]
 
 #: Bumped on every change of the tables below; older databases are upgraded on open
@@ -66,7 +68,10 @@ __all__ = [
 SCHEMA_VERSION = 3
 
 #: Execution option that marks a connection as a writer (``BEGIN IMMEDIATE`` on SQLite).
-WRITE = "expert_store_write"
+#: A SQLite transaction begun deferred that reads and then writes fails at once with
+#: "database is locked" (no busy wait) when another connection wrote in between, so every
+#: read-then-write transaction needs it. ``streams`` asks for it by the same name.
+WRITE = "begin_immediate"
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 SERVER_CONNECT_TIMEOUT_S = 10  # PostgreSQL: give up on an unreachable host after this
@@ -177,6 +182,12 @@ class Reflog(Base):
     when: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     who: Mapped[str] = mapped_column(String(255))
     why: Mapped[str] = mapped_column(Text)
+
+
+def write_begin(engine: Engine) -> ContextManager[Connection]:
+    """``engine.begin()`` for a write transaction (``BEGIN IMMEDIATE`` on SQLite: it waits
+    for the write lock up to the busy timeout instead of failing midway)."""
+    return engine.execution_options(**{WRITE: True}).begin()
 
 
 def _configure_sqlite(engine: Engine) -> None:

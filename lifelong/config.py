@@ -194,7 +194,7 @@ class CycleConfig:
                         "its outputs; docs/continual.md); freeze-experts: grow, old experts and keys frozen, dense parts "
                         "train; full: fine-tune all, no growth; sparse: no growth, only the top-t experts per batch by "
                         "TF-IDF train", choices=POLICIES)
-    grow_rows: int = _flag(8, "rows added to every PEER layer (ignored by `full`)", type=positive_int, metavar="N")
+    grow_rows: int = _flag(8, "rows added to every PEER layer (ignored by `full`, and by `sparse` without --sparse-growth)", type=positive_int, metavar="N")
     token_budget: int | None = _flag(1_000_000, "new tokens taken from the stream per cycle", "--budget", type=positive_int, metavar="TOKENS")
     epochs: float = _flag(1.0, "passes over the new data (sets the number of steps)", type=float)
     replay_ratio: float = _flag(0.0, "share of each batch replayed from earlier streams' committed data", "--replay",
@@ -207,6 +207,9 @@ class CycleConfig:
                                     "text keeps its experts (growth policies)", action=argparse.BooleanOptionalAction)
     top_t: int = _flag(256, "policy sparse: expert rows trained per batch and layer (top-t by TF-IDF against the "
                        "background usage of earlier streams)", type=positive_int, metavar="N")
+    sparse_growth: bool = _flag(False, "policy sparse: also grow --grow-rows rows per layer, trained in full (isolated "
+                                "from old queries); old rows' experts train only where TF-IDF picks them",
+                                action=argparse.BooleanOptionalAction)
     isolation_margin: float = _flag(0.1, "relative margin below an anchor's k-th old score that new rows must stay", type=float,
                                     metavar="FRACTION")
     eval_tokens: int = _flag(32_768, "held-out tokens per stream (a stable prefix)", type=positive_int, metavar="TOKENS")

@@ -10,7 +10,9 @@
   much more than the background does, ranked by TF-IDF: term frequency = the batch's
   retrieval counts, document frequency = in how many background batches (of the streams
   trained so far, kept per expert in ``PEERLayer.background``: no old text needed) the
-  expert was retrieved.
+  expert was retrieved. With ``sparse_growth`` it also grows as ``freeze-all`` does: the new
+  rows train in full (isolated from old queries), the old rows' experts (not their keys)
+  only where TF-IDF selects them.
 
 New row keys start from the new data's queries (``key_init="queries"``): k-means centres
 of the row halves of the queries the new stream produces, so new experts are reached by
@@ -31,6 +33,7 @@ keep their experts while new-domain queries, away from the anchors, move to the 
 from __future__ import annotations
 
 from collections.abc import Callable
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -168,11 +171,13 @@ def _inside_point(q1: Tensor, allowed: Tensor, steps: int = 3000) -> Tensor:
 class SparseSelection:
     """Per batch and layer, the ``top_t`` experts by TF-IDF against the background usage."""
 
-    idf: list[Tensor]  # per layer (in peer_layers() order): (N,) log((B + 1) / (df + 1))
+    idf: list[Tensor]  # per layer (in peer_layers() order): (N_old,) log((B + 1) / (df + 1))
     top_t: int
 
     @classmethod
     def of(cls, model: PEERLM, top_t: int) -> SparseSelection:
+        """Over each layer's experts as they are now: ids beyond them (grown after this) are
+        new rows, always trained."""
         idf = [torch.log((layer.background_batches + 1) / (layer.background + 1)) for layer in model.peer_layers().values()]
         return cls(idf, top_t)
 
@@ -180,9 +185,11 @@ class SparseSelection:
         """counts: per layer (N,) retrieval counts of this batch -> expert ids to train per layer."""
         out: list[Tensor | None] = []
         for tf, idf in zip(counts, self.idf):
-            score = tf.to(idf.dtype) * idf  # (N,); experts not retrieved score 0
-            used = int((tf > 0).sum())
-            out.append(score.topk(min(self.top_t, used)).indices if used else tf.new_zeros(0))
+            old, grown = tf[: idf.numel()], tf[idf.numel() :]  # (N_old,), (N - N_old,)
+            score = (old.to(idf.dtype) * idf).masked_fill(old == 0, -math.inf)  # (N_old,); never an unused one
+            used = int((old > 0).sum())
+            keep = score.topk(min(self.top_t, used)).indices if used else tf.new_zeros(0)
+            out.append(torch.cat([keep, grown.nonzero().squeeze(1) + idf.numel()]) if grown.numel() else keep)
         return out
 
 
@@ -252,27 +259,40 @@ def apply_policy(model: PEERLM, cfg: CycleConfig, new_blocks: np.ndarray) -> Gro
         for layer in layers.values():
             layer.unfreeze()
         return Growth({"grown_rows": 0})
-    if cfg.policy == "sparse":
+    if cfg.policy == "sparse" and not cfg.sparse_growth:
         return _sparse(model, cfg)
     keys = init_new_keys(model, new_blocks, cfg.grow_rows, seed=cfg.seed) if cfg.key_init == "queries" else {}
     for layer in layers.values():
         layer.freeze()
     isolation = RoutingIsolation.before_growth(model, cfg.isolation_margin) if cfg.routing_isolation else None
+    selection = None
+    if cfg.policy == "sparse":  # sparse with growth: TF-IDF over the old experts; the new ones always train
+        _check_top_t(model, cfg.top_t)
+        selection = SparseSelection.of(model, cfg.top_t)
     for name, layer in layers.items():
         layer.grow(cfg.grow_rows, init_keys=keys.get(name))
-    if cfg.policy == "freeze-all":
+    if cfg.policy in ("freeze-all", "sparse"):
         for p in model.parameters():
             p.requires_grad_(False)
         for layer in layers.values():
             layer.row_keys.requires_grad_(True)  # only the new rows: their keys and experts
             layer.freeze_query()
+            if selection is not None:
+                layer.open_old_experts()  # their u, v; old keys stay frozen, so isolation holds
     else:
         for layer in layers.values():
             layer.freeze_query(False)
     info: dict[str, Any] = {"grown_rows": cfg.grow_rows, "routing_isolation": isolation is not None}
+    if selection is not None:
+        info["top_t"] = cfg.top_t
     if isolation is not None:
         info["isolation_keys_moved_at_growth"] = isolation.project()
-    return Growth(info, isolation)
+    return Growth(info, isolation, sparse=selection)
+
+
+def _check_top_t(model: PEERLM, top_t: int) -> None:
+    smallest = min(layer.num_experts for layer in model.peer_layers().values())
+    require(top_t <= smallest, "top_t", f"top_t={top_t} exceeds the {smallest} experts of a PEER layer")
 
 
 def _sparse(model: PEERLM, cfg: CycleConfig) -> Growth:
@@ -280,8 +300,7 @@ def _sparse(model: PEERLM, cfg: CycleConfig) -> Growth:
     layers = model.peer_layers()
     if not layers:
         raise ConfigError("policy sparse trains expert rows: the model has no PEER layer")
-    smallest = min(layer.num_experts for layer in layers.values())
-    require(cfg.top_t <= smallest, "top_t", f"top_t={cfg.top_t} exceeds the {smallest} experts of a PEER layer")
+    _check_top_t(model, cfg.top_t)
     for p in model.parameters():
         p.requires_grad_(False)
     for layer in layers.values():

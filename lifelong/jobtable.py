@@ -39,6 +39,8 @@ from apscheduler.util import datetime_to_utc_timestamp, utc_timestamp_to_datetim
 from sqlalchemy import Column, Engine, Float, MetaData, Table, Text, Unicode, delete, inspect as sa_inspect, select
 from sqlalchemy.exc import IntegrityError
 
+from expert_store import write_begin
+
 from .errors import LifelongError
 
 __all__ = ["TABLE", "LEGACY_TABLES", "FUNCS", "JobRowError", "JsonJobStore", "job_to_json", "job_from_json", "legacy_job_ids",
@@ -254,24 +256,24 @@ class JsonJobStore(BaseJobStore):
     def add_job(self, job: Job) -> None:
         row = {"id": job.id, "next_run_time": _ts(job.next_run_time), "job": job_to_json(job)}
         try:
-            with self.engine.begin() as conn:
+            with write_begin(self.engine) as conn:
                 conn.execute(jobs_table.insert().values(**row))
         except IntegrityError:
             raise ConflictingIdError(job.id) from None
 
     def update_job(self, job: Job) -> None:
         values = {"next_run_time": _ts(job.next_run_time), "job": job_to_json(job)}
-        with self.engine.begin() as conn:
+        with write_begin(self.engine) as conn:
             if conn.execute(jobs_table.update().where(jobs_table.c.id == job.id).values(**values)).rowcount == 0:
                 raise JobLookupError(job.id)
 
     def remove_job(self, job_id: str) -> None:
-        with self.engine.begin() as conn:
+        with write_begin(self.engine) as conn:
             if conn.execute(delete(jobs_table).where(jobs_table.c.id == job_id)).rowcount == 0:
                 raise JobLookupError(job_id)
 
     def remove_all_jobs(self) -> None:
-        with self.engine.begin() as conn:
+        with write_begin(self.engine) as conn:
             conn.execute(delete(jobs_table))
 
     def shutdown(self) -> None:
@@ -305,7 +307,7 @@ def forget_legacy_job(engine: Engine, job_id: str) -> bool:
     found = False
     for name in _legacy_tables(engine):
         t = Table(name, MetaData(), Column("id", Unicode(191), primary_key=True))
-        with engine.begin() as conn:
+        with write_begin(engine) as conn:
             found |= conn.execute(delete(t).where(t.c.id == job_id)).rowcount > 0
     return found
 

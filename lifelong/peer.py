@@ -146,6 +146,7 @@ class PEERLayer(nn.Module):
         self.shards: list[Shard] = [Shard(0, c.n_rows)]
         self.grads = ExpertGrads()
         self.query_frozen = False
+        self.old_experts_open = False  # policy sparse with growth: frozen rows' experts may train
         self._recording: Recording | None = None
         self.expert_slice: ExpertSlice | None = None  # set by slice_experts (expert parallel)
 
@@ -179,8 +180,9 @@ class PEERLayer(nn.Module):
 
     @property
     def trainable_start(self) -> int:
-        """First trainable expert id; experts below it are frozen."""
-        return self.frozen_rows * self.n_cols
+        """First trainable expert id; experts below it are frozen (all train when the old
+        experts' rows are open, :meth:`open_old_experts`, while their keys stay frozen)."""
+        return 0 if self.old_experts_open else self.frozen_rows * self.n_cols
 
     def all_row_keys(self) -> Tensor:
         """C1: (n1, dk/2) = frozen rows followed by trainable rows."""
@@ -320,6 +322,17 @@ class PEERLayer(nn.Module):
         self.freeze_col_keys()
         for shard in self.shards:
             shard.frozen = True
+        self.old_experts_open = False
+        self.grads.clear()
+
+    @torch.no_grad()
+    def open_old_experts(self) -> None:
+        """Let the frozen rows' experts (their ``u``/``v``) train again while their keys and
+        the column keys stay frozen, so retrieval scores of old rows do not move (sparse
+        memory finetuning on a grown layer: the optimizer picks which rows to update)."""
+        self.old_experts_open = True
+        for shard in self.shards:
+            shard.frozen = False  # a commit compares their rows (delta shards)
         self.grads.clear()
 
     @torch.no_grad()
@@ -331,6 +344,7 @@ class PEERLayer(nn.Module):
         self.freeze_query(False)
         for shard in self.shards:
             shard.frozen = False
+        self.old_experts_open = False
         self.grads.clear()
 
     def freeze_query(self, frozen: bool = True) -> None:
@@ -360,6 +374,7 @@ class PEERLayer(nn.Module):
         self.row_keys = nn.Parameter(row_keys[frozen_rows:].detach().clone())
         self.expert_u, self.expert_v = u, v
         self.shards = shards
+        self.old_experts_open = False
         self.config.n_rows = n1
         self.grads.clear()
 

@@ -33,6 +33,8 @@ from sqlalchemy import JSON, Connection, DateTime, Engine, Float, Integer, Strin
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from expert_store import write_begin
+
 from .errors import LifelongError
 
 if TYPE_CHECKING:
@@ -126,7 +128,7 @@ def start_cycle(engine: Engine, *, stream: str, policy: str, parent: int, holder
     ``outcome`` finds its version (it died between its commit and its row's update), else
     as 'abandoned'."""
     create_tables(engine)
-    with engine.begin() as conn:
+    with write_begin(engine) as conn:
         for (row_id,) in conn.execute(select(CycleRow.id).where(CycleRow.status == "running")).all():
             found = outcome(row_id) if outcome is not None else None
             status, version, detail = (found[0], found[1], {**found[2], "recovered": "its process died after its commit"}) if found \
@@ -140,13 +142,13 @@ def start_cycle(engine: Engine, *, stream: str, policy: str, parent: int, holder
 
 def finish_cycle(engine: Engine, cycle_id: int, status: str, *, version: int | None = None, detail: dict[str, Any] | None = None) -> None:
     """Record a cycle's outcome: committed | candidate | failed | interrupted."""
-    with engine.begin() as conn:
+    with write_begin(engine) as conn:
         conn.execute(update(CycleRow).where(CycleRow.id == cycle_id).values(status=status, finished_at=utcnow(), version=version, detail=detail))
 
 
 def record_audit(engine: Engine, version: int, queries: int, recall: float, report: dict[str, Any]) -> None:
     create_tables(engine)
-    with engine.begin() as conn:
+    with write_begin(engine) as conn:
         conn.execute(insert(AuditRow).values(version=version, created_at=utcnow(), queries=queries, recall=recall, report=report))
 
 
@@ -231,7 +233,7 @@ def _release_if_dead(engine: Engine, name: str) -> str | None:
         return None
     # A transaction of its own that writes first (SQLite refuses at once one that read before a
     # concurrent commit); it deletes only the lease read above, not one taken since.
-    with engine.begin() as conn:
+    with write_begin(engine) as conn:
         if not conn.execute(delete(LeaseRow).where(LeaseRow.name == name, LeaseRow.holder == row.holder,
                                                    LeaseRow.acquired_at == row.acquired_at)).rowcount:
             return None
@@ -258,7 +260,7 @@ def recover_cycles(engine: Engine, outcome: Outcome) -> list[tuple[int, str]]:
             status, version, detail = "abandoned", None, {"error": f"its process died before recording an outcome ({why})"}
         else:
             status, version, detail = found[0], found[1], {**found[2], "recovered": f"its process died after its commit ({why})"}
-        with engine.begin() as conn:  # only if still 'running': a concurrent recovery or cycle start wins
+        with write_begin(engine) as conn:  # only if still 'running': a concurrent recovery or cycle start wins
             n = conn.execute(update(CycleRow).where(CycleRow.id == row.id, CycleRow.status == "running")
                              .values(status=status, finished_at=utcnow(), version=version, detail=detail)).rowcount
         if n:
@@ -294,11 +296,11 @@ class Lease:
     def acquire(self) -> None:
         deadline = time.monotonic() + self.wait_s
         while True:
-            with self.engine.begin() as conn:
+            with write_begin(self.engine) as conn:
                 now = lease_clock(conn)
                 conn.execute(delete(LeaseRow).where(LeaseRow.name == self.name, LeaseRow.expires_at < now))
             try:
-                with self.engine.begin() as conn:
+                with write_begin(self.engine) as conn:
                     conn.execute(
                         insert(LeaseRow).values(
                             name=self.name, holder=self.holder, acquired_at=now, expires_at=now + timedelta(seconds=self.ttl_s)
@@ -318,7 +320,7 @@ class Lease:
 
     def renew(self) -> None:
         """Extend the lease; raises if it was lost (expired and taken by someone else)."""
-        with self.engine.begin() as conn:
+        with write_begin(self.engine) as conn:
             n = conn.execute(
                 update(LeaseRow)
                 .where(LeaseRow.name == self.name, LeaseRow.holder == self.holder)
@@ -328,7 +330,7 @@ class Lease:
             raise LeaseHeldError(f"the '{self.name}' lease of {self.holder} was lost")
 
     def release(self) -> None:
-        with self.engine.begin() as conn:
+        with write_begin(self.engine) as conn:
             conn.execute(delete(LeaseRow).where(LeaseRow.name == self.name, LeaseRow.holder == self.holder))
 
     @contextmanager

@@ -15,6 +15,9 @@ training settings for every arm:
     freeze-all-iso      freeze-all + routing isolation
     sparse              sparse memory finetuning: per batch only the top-t experts by TF-IDF
                         against earlier streams' usage train; no growth
+    sparse-grow         sparse + growth: new rows (isolated) train in full, old experts
+                        only where TF-IDF picks them
+    sparse-tN, sparse-grow-tN   the same with top-t = N (a sweep: sparse-t32,sparse-t64,...)
     replay              control: the better of freeze-experts / freeze-all + 25% replay
     replay-distill      control: the same plus distillation to the previous version
 
@@ -77,6 +80,8 @@ class Arm:
     distill_weight: float = 0.0
     about: str = ""
     isolation: bool = False  # routing isolation of the growth policies (query anchors)
+    sparse_growth: bool = False
+    top_t: int | None = None  # policy sparse: None = the cycle's default
 
 
 ARMS = {
@@ -91,10 +96,22 @@ ARMS = {
         Arm("freeze-experts-iso", "peer", "freeze-experts", about="PEER, freeze-experts + routing isolation", isolation=True),
         Arm("freeze-all-iso", "peer", "freeze-all", about="PEER, freeze-all + routing isolation", isolation=True),
         Arm("sparse", "peer", "sparse", about="PEER, sparse memory finetuning: top-t experts per batch by TF-IDF, no growth"),
+        Arm("sparse-grow", "peer", "sparse", about="PEER, sparse + growth: new rows (isolated) train, old experts top-t by TF-IDF",
+            isolation=True, sparse_growth=True),
         Arm("replay", "peer", None, 0.25, about="best growth policy + 25% replay"),
         Arm("replay-distill", "peer", None, 0.25, 1.0, about="best growth policy + 25% replay + distillation"),
     )
 }
+
+
+def arm_named(name: str) -> Arm | None:
+    """A fixed arm, or a sparse arm with its top-t in the name (``sparse-t64``, ``sparse-grow-t32``)."""
+    if name in ARMS:
+        return ARMS[name]
+    base, _, t = name.rpartition("-t")
+    if base in ("sparse", "sparse-grow") and t.isdigit() and int(t) > 0:
+        return replace(ARMS[base], name=name, top_t=int(t), about=f"{ARMS[base].about} (top-t {int(t)})")
+    return None
 
 
 @dataclass(frozen=True)
@@ -160,11 +177,14 @@ def model_size(mc: ModelConfig) -> dict[str, int]:
     return {"params": int(total), "experts": int(experts), "active_ffn_neurons": int(active)}
 
 
-def make_cycle_config(s: Sizes, policy: str, budget: int, seed: int, replay: float = 0.0, distill: float = 0.0,
-                      isolation: bool = False) -> CycleConfig:
+def make_cycle_config(s: Sizes, policy: str, budget: int, seed: int, arm: Arm | None = None) -> CycleConfig:
     train = TrainConfig(batch_size=s.batch_size, lr=s.lr, expert_lr=s.expert_lr, warmup_steps=s.warmup_steps, seed=seed)
-    return CycleConfig(policy=policy, grow_rows=s.grow_rows, token_budget=budget, epochs=s.epochs, replay_ratio=replay,
-                       distill_weight=distill, eval_tokens=s.eval_tokens, seed=seed, train=train, routing_isolation=isolation)
+    extra: dict[str, Any] = {}
+    if arm is not None:
+        extra = {"replay_ratio": arm.replay_ratio, "distill_weight": arm.distill_weight, "routing_isolation": arm.isolation,
+                 "sparse_growth": arm.sparse_growth, **({"top_t": arm.top_t} if arm.top_t else {})}
+    return CycleConfig(policy=policy, grow_rows=s.grow_rows, token_budget=budget, epochs=s.epochs, eval_tokens=s.eval_tokens,
+                       seed=seed, train=train, **extra)
 
 
 def say(msg: str) -> None:
@@ -264,7 +284,7 @@ def run_arm(arm: Arm, policy: str, base: Path, root: Path, s: Sizes, args: argpa
     try:
         registry = open_registry(store, progress=False)
         for name in args.stream_order[1:]:
-            cfg = make_cycle_config(s, policy, s.budget, args.seed, arm.replay_ratio, arm.distill_weight, arm.isolation)
+            cfg = make_cycle_config(s, policy, s.budget, args.seed, arm)
             result = run_cycle(store, registry, name, cfg, device=args.device, progress=args.progress, log=lambda m: None)
             rec = cycle_record(result)
             cycles.append(rec)
@@ -347,11 +367,13 @@ def main(argv: list[str] | None = None) -> int:
     if len(args.stream_order) < 2 or len(set(args.stream_order)) != len(args.stream_order):
         p.error("give at least two streams, each once")
 
-    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
-    unknown = [a for a in arms if a not in ARMS]
-    if unknown or not arms:
-        p.error(f"unknown arm(s): {', '.join(unknown) or '(none given)'}; choose from {', '.join(ARMS)}")
-    arms = [a for a in ARMS if a in arms]  # fixed order: the replay arms need the growth arms first
+    names = list(dict.fromkeys(a.strip() for a in args.arms.split(",") if a.strip()))
+    unknown = [a for a in names if arm_named(a) is None]
+    if unknown or not names:
+        p.error(f"unknown arm(s): {', '.join(unknown) or '(none given)'}; choose from {', '.join(ARMS)}, sparse-tN, sparse-grow-tN")
+    chosen = {a: arm_named(a) for a in names}
+    order = list(ARMS)  # fixed order: the replay arms need the growth arms first; a sweep sits after its base arm
+    arms = sorted(names, key=lambda a: (order.index(a) if a in ARMS else order.index(a.rpartition("-t")[0]) + 0.5, a))
     s = MODES["smoke" if args.smoke else "quick" if args.quick else "full"]
     s = replace(s, budget=args.budget or s.budget, base_budget=args.base_budget or s.base_budget)
     torch.set_num_threads(args.threads)
@@ -371,11 +393,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         bases: dict[str, tuple[Path, dict]] = {}
         for kind in ("dense", "peer"):
-            if any(ARMS[a].model == kind for a in arms):
+            if any(chosen[a].model == kind for a in arms):
                 bases[kind] = base_store(root, kind, configs[kind], s, cache, args)
         results: dict[str, dict[str, Any]] = {}
         for name in arms:
-            arm = ARMS[name]
+            arm = chosen[name]
             policy = arm.policy or better_growth_policy(results, args.replay_policy)
             results[name] = run_arm(arm, policy, bases[arm.model][0], root, s, args)
             print_arm(results[name], out)

@@ -16,7 +16,7 @@ from sqlalchemy import Engine, delete, insert, select
 
 from .errors import UnreadableFileError, VanishedFileError, show_path
 from .fsutil import sha256_file
-from .schema import stream_files
+from .schema import stream_files, write_begin
 
 
 _SPECIAL = ((stat_mod.S_ISDIR, "is a directory, expected a file"),
@@ -112,7 +112,7 @@ class FileIndex:
         if not self._dirty:
             return
         rows = [self._known[p] for p in sorted(self._dirty)]
-        with self.engine.begin() as conn:
+        with write_begin(self.engine) as conn:
             conn.execute(delete(stream_files).where(stream_files.c.stream == self.stream,
                                                     stream_files.c.path.in_(sorted(self._dirty))))
             conn.execute(insert(stream_files), rows)

@@ -19,7 +19,7 @@ from .fileindex import FileIndex, not_regular
 from .ingest import DEFAULT_CHUNK_TOKENS, iter_ingest
 from .pending import pending as _pending
 from .result import HeldOut, IngestResult, Pending, StagedInfo, StreamInfo
-from .schema import metadata, stream_files, stream_heldout, stream_registry, stream_staged
+from .schema import metadata, stream_files, stream_heldout, stream_registry, stream_staged, write_begin
 from .sources import list_files
 from .spec import StreamSpec, validate_name
 from .fsutil import write_errors
@@ -82,7 +82,7 @@ class StreamRegistry:
             _refuse_special(spec)
         src = list(spec.sources) if isinstance(spec.source, tuple) else spec.source
         try:
-            with self.engine.begin() as conn:
+            with write_begin(self.engine) as conn:
                 conn.execute(insert(stream_registry), [{
                     "name": spec.name, "source": src, "format": spec.format,
                     "options": spec.options(), "holdout": spec.holdout,
@@ -119,7 +119,7 @@ class StreamRegistry:
         """Unregister a stream and drop its file index, staged data and held-out docs
         (source files are never touched)."""
         self.get(name)
-        with self.engine.begin() as conn:
+        with write_begin(self.engine) as conn:
             for table in (stream_files, stream_staged, stream_heldout):
                 conn.execute(delete(table).where(table.c.stream == name))
             conn.execute(delete(stream_registry).where(stream_registry.c.name == name))

@@ -2,10 +2,23 @@
 ``StreamRegistry``; the package never imports the store that owns the engine)."""
 from __future__ import annotations
 
-from sqlalchemy import (JSON, BigInteger, Column, DateTime, Float, Integer, LargeBinary,
+from typing import ContextManager
+
+from sqlalchemy import (JSON, BigInteger, Column, Connection, DateTime, Engine, Float, Integer, LargeBinary,
                         MetaData, String, Table, Text, UniqueConstraint)
 
 metadata = MetaData()
+
+#: Execution option asking the engine for its write lock at BEGIN (``BEGIN IMMEDIATE``):
+#: the store's SQLite engines honour it (a deferred transaction that reads, then writes,
+#: fails at once with "database is locked" if another connection wrote in between); other
+#: engines ignore it.
+BEGIN_IMMEDIATE = "begin_immediate"
+
+
+def write_begin(engine: Engine) -> ContextManager[Connection]:
+    """``engine.begin()`` for a transaction that writes."""
+    return engine.execution_options(**{BEGIN_IMMEDIATE: True}).begin()
 
 stream_registry = Table(
     "stream_registry", metadata,

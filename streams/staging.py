@@ -15,7 +15,7 @@ from sqlalchemy.exc import IntegrityError
 
 from .fsutil import write_errors
 from .result import IngestResult, StagedInfo
-from .schema import stream_heldout, stream_staged
+from .schema import stream_heldout, stream_staged, write_begin
 from .split import doc_hash
 
 #: What a failed ingest leaves: staged data is one transaction, cursors belong to versions.
@@ -35,7 +35,7 @@ def save_staged(engine: Engine, key: str, res: IngestResult) -> None:
            "summary": {**res.summary(), "bad_examples": res.bad_examples,
                        "files": [f.to_dict() for f in res.files]},
            "created_at": datetime.now(timezone.utc)}
-    with write_errors(f"saving the staged data of stream {res.stream!r}", NOTHING_STAGED), engine.begin() as conn:
+    with write_errors(f"saving the staged data of stream {res.stream!r}", NOTHING_STAGED), write_begin(engine) as conn:
         conn.execute(delete(stream_staged).where(stream_staged.c.stream == res.stream,
                                                  stream_staged.c.key == key))
         conn.execute(insert(stream_staged), [row])
@@ -78,7 +78,7 @@ def clear_staged(engine: Engine, stream: str, key: str | None = None) -> int:
     if key is not None:
         stmt = stmt.where(stream_staged.c.key == key)
     with write_errors(f"clearing the staged data of stream {stream!r}",
-                      "it stays staged (keyed by its cursor, it is never used for other data)"), engine.begin() as conn:
+                      "it stays staged (keyed by its cursor, it is never used for other data)"), write_begin(engine) as conn:
         return conn.execute(stmt).rowcount
 
 
@@ -100,7 +100,7 @@ def add_heldout(engine: Engine, stream: str, docs: list[str]) -> None:
                         stream_heldout.c.sha1.in_(list(rows)))).scalars())
                 new = [r for h, r in rows.items() if h not in have]
                 if new:
-                    with engine.begin() as conn:
+                    with write_begin(engine) as conn:
                         conn.execute(insert(stream_heldout), new)
             return
         except IntegrityError:

@@ -74,7 +74,9 @@ def test_two_processes_in_their_own_directories_race_commits_on_one_parent(store
         wait_for([sync / "ready-1", sync / "ready-2"], procs)
         parent = None
         for r in range(rounds):
-            (sync / f"go-{r}").write_text("none" if parent is None else str(parent))
+            go = sync / f"go-{r}"  # whole or absent: a worker polls for it
+            go.with_suffix(".tmp").write_text("none" if parent is None else str(parent))
+            os.replace(go.with_suffix(".tmp"), go)
             outs = [sync / f"out-{r}-{seed}.json" for seed in (1, 2)]
             wait_for(outs, procs)
             results = [json.loads(p.read_text()) for p in outs]

@@ -173,3 +173,99 @@ def test_growth_with_anchors_isolates_the_new_rows_unless_turned_off(model, name
     assert plain.after_step is None
     full = apply_policy(copy.deepcopy(model), policy("full"), new_blocks())
     assert full.isolation is None and full.info == {"grown_rows": 0}  # no growth: nothing to isolate
+
+
+# ---------------------------------------------------------------------------- sparse memory finetuning
+def train_steps(model: PEERLM, growth, steps: int = 4, seed: int = 1) -> None:
+    from lifelong.config import TrainConfig
+    from lifelong.train import random_batches, train
+
+    cfg = TrainConfig(batch_size=4, steps=steps, lr=1e-2, expert_lr=5e-2, warmup_steps=1)
+    train(model, random_batches(new_blocks(8, seed=seed), 4, seed=seed), cfg, progress=False,
+          after_step=growth.after_step, select_rows=growth.sparse)
+
+
+def tables(model: PEERLM) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    return {n: (l.expert_u.clone(), l.expert_v.clone()) for n, l in model.peer_layers().items()}
+
+
+def changed_rows(before, model: PEERLM) -> dict[str, set[int]]:
+    out = {}
+    for n, layer in model.peer_layers().items():
+        u0, v0 = before[n]
+        m = u0.shape[0]
+        diff = (layer.expert_u[:m] != u0).any(1) | (layer.expert_v[:m] != v0).any(1)
+        out[n] = set(diff.nonzero().squeeze(1).tolist())
+    return out
+
+
+def test_sparse_selection_ranks_by_tf_idf_and_keeps_grown_experts():
+    from lifelong.growth import SparseSelection
+
+    # expert 0: used a lot in the batch but by every background batch (idf 0); expert 1: a
+    # little, never in the background; expert 2: unused now; ids 4.. grew after the selection
+    idf = [torch.log(torch.tensor(5.0) / (torch.tensor([4.0, 0.0, 0.0, 2.0]) + 1))]
+    sel = SparseSelection(idf, top_t=1)
+    (keep,) = sel([torch.tensor([9, 1, 0, 0])])
+    assert keep.tolist() == [1]  # rare in the background wins over frequent everywhere
+    (keep,) = SparseSelection(idf, top_t=3)([torch.tensor([9, 1, 0, 3, 0, 2, 5])])
+    assert sorted(keep.tolist()) == [0, 1, 3, 5, 6]  # top-3 old by score (0 scores last), every used new one
+    (keep,) = sel([torch.zeros(4, dtype=torch.long)])
+    assert keep.numel() == 0  # nothing retrieved: nothing trains
+
+
+def test_sparse_trains_only_top_t_rows_per_step_and_nothing_else(model):
+    from lifelong.growth import record_background
+
+    record_background(model, new_blocks(8, seed=3), batch_size=4)
+    dense_before = {k: v.clone() for k, v in model.state_dict().items() if "expert_" not in k}
+    before = tables(model)
+    growth = apply_policy(model, policy("sparse", top_t=2), new_blocks())
+    assert growth.info["grown_rows"] == 0 and growth.info["top_t"] == 2 and growth.sparse is not None
+    assert not any(p.requires_grad for p in model.parameters())  # keys, queries, dense parts: frozen
+    steps = 3
+    train_steps(model, growth, steps=steps)
+    for n, rows in changed_rows(before, model).items():
+        assert 0 < len(rows) <= 2 * steps, (n, rows)  # at most top_t rows per step
+    after = model.state_dict()
+    for k, v in dense_before.items():
+        if "running_" not in k and "num_batches" not in k:
+            assert torch.equal(after[k], v), k
+
+
+def test_sparse_growth_isolates_new_rows_and_updates_old_experts_only_where_picked(model):
+    from lifelong.growth import record_background
+
+    record_anchors(model, new_blocks(2, seed=5))
+    record_background(model, new_blocks(8, seed=3), batch_size=4)
+    keys_before = {n: l.all_row_keys().detach().clone() for n, l in model.peer_layers().items()}
+    before = tables(model)
+    growth = apply_policy(model, policy("sparse", top_t=2, sparse_growth=True), new_blocks())
+    assert growth.info["grown_rows"] == GROW and growth.info["routing_isolation"] is True and growth.info["top_t"] == 2
+    assert growth.isolation is not None and growth.sparse is not None
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert trainable == {id(l.row_keys) for l in model.peer_layers().values()}  # the new rows' keys only
+    for layer in model.peer_layers().values():
+        assert layer.frozen_rows == ROWS and layer.trainable_start == 0 and layer.query_frozen
+        assert not any(s.frozen for s in layer.shards)  # a commit compares the old shards' rows
+    grown_before = {n: l.expert_u[ROWS * COLS :].clone() for n, l in model.peer_layers().items()}
+    steps = 3
+    train_steps(model, growth, steps=steps)
+    changed = changed_rows(before, model)
+    for n, layer in model.peer_layers().items():
+        assert torch.equal(layer.frozen_row_keys, keys_before[n])  # old keys: routing of old rows unchanged
+        assert len(changed[n]) <= 2 * steps  # old experts: at most top_t rows per step
+        assert not torch.equal(layer.expert_u[ROWS * COLS :], grown_before[n])  # the new rows learn
+    assert sum(map(len, changed.values())) > 0
+    assert growth.isolation.violations() == 0
+    # the next cycle's freeze closes the old experts again
+    apply_policy(model, policy("freeze-all"), new_blocks())
+    assert all(l.trainable_start == l.frozen_rows * COLS and not l.old_experts_open for l in model.peer_layers().values())
+
+
+def test_top_t_above_the_experts_of_a_layer_is_a_config_error(model):
+    from lifelong.errors import ConfigError
+
+    for cfg in (policy("sparse", top_t=10_000), policy("sparse", top_t=10_000, sparse_growth=True)):
+        with pytest.raises(ConfigError, match="top_t=10000 exceeds the 64 experts"):
+            apply_policy(copy.deepcopy(model), cfg, new_blocks())

@@ -13,6 +13,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import Engine, create_engine, select, update
 
+from expert_store.schema import make_engine
 from lifelong.records import (
     AuditRow,
     CycleRow,
@@ -68,6 +69,38 @@ def test_start_cycle_closes_a_dead_row_whose_version_was_committed_as_committed(
     old, new = cycles(engine)
     assert (old.status, old.version) == ("committed", 2) and "after its commit" in old.detail["recovered"]
     assert new.status == "running"
+
+
+def test_start_cycle_holds_the_write_lock_while_another_writer_commits(backend):
+    # start_cycle reads the running rows, then writes. Another connection writing in between
+    # (the scheduler's job table, an ingest) once failed it at once on SQLite with "database is
+    # locked" (a deferred transaction cannot be upgraded over a newer write): the store's
+    # engines begin writers with BEGIN IMMEDIATE, so the other writer waits instead.
+    engine = make_engine(backend.engine_url("records.db"))
+    try:
+        dead = start_cycle(engine, stream="a", policy="full", parent=1, holder="cli:h:1")
+        wrote: list[int] = []
+
+        def other_writer() -> None:
+            wrote.append(start_cycle(engine, stream="c", policy="full", parent=1, holder="cli:h:3"))
+
+        def outcome(_row_id: int):
+            thread = threading.Thread(target=other_writer)
+            thread.start()
+            thread.join(timeout=0.5)  # it must wait for our lock, not slip its write in between
+            return None
+
+        mine = start_cycle(engine, stream="b", policy="full", parent=1, holder="cli:h:2", outcome=outcome)
+        deadline = time.monotonic() + 30
+        while not wrote and time.monotonic() < deadline:
+            time.sleep(0.05)
+        rows = {row.id: row for row in cycles(engine)}
+        assert rows[dead].status == "abandoned"
+        assert wrote and rows[wrote[0]].status == "running"  # the other writer succeeded too
+        if backend.name == "sqlite":  # one writer at a time: it went second, and saw our row
+            assert wrote[0] > mine and rows[mine].status == "abandoned"
+    finally:
+        engine.dispose()
 
 
 def test_finished_rows_are_not_abandoned_later(engine):
