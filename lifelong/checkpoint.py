@@ -332,10 +332,13 @@ def checkout_model(
         # shapes. Versions made before either existed have none: empty anchors, zero counts.
         layer.anchors = dense.pop(f"{name}.anchors", layer.anchors.new_zeros(0, layer.config.d_key))
         layer.background = dense.pop(f"{name}.background", layer.background.new_zeros(layer.num_experts))
-        layer.background_batches = dense.pop(f"{name}.background_batches", layer.background_batches.new_zeros(()))
+        # Before counting retrievals, a version counted batches (document = batch): the same
+        # formula holds; the next cycle's retrieval counts then dominate.
+        docs = dense.pop(f"{name}.background_docs", dense.pop(f"{name}.background_batches", None))
+        layer.background_docs = docs if docs is not None else layer.background_docs.new_zeros(())
     missing, unexpected = model.load_state_dict(dense, strict=False)
     # Tables live in shards; anchors and background counts are absent from older versions.
-    tables = ("expert_u", "expert_v", "row_keys", "frozen_row_keys", "anchors", "background", "background_batches")
+    tables = ("expert_u", "expert_v", "row_keys", "frozen_row_keys", "anchors", "background", "background_docs", "background_batches")
     missing = [k for k in missing if not k.endswith(tables)]
     if missing or unexpected:
         raise LifelongError(f"version {info.id}: dense weights do not fit the model (missing {missing}, unexpected {unexpected})")

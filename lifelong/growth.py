@@ -8,9 +8,9 @@
 - ``sparse``: sparse memory finetuning (Lin et al. 2025, arXiv 2510.15103). No growth;
   everything is frozen except, per batch and layer, the ``top_t`` experts the batch uses
   much more than the background does, ranked by TF-IDF: term frequency = the batch's
-  retrieval counts, document frequency = in how many background batches (of the streams
-  trained so far, kept per expert in ``PEERLayer.background``: no old text needed) the
-  expert was retrieved. With ``sparse_growth`` it also grows as ``freeze-all`` does: the new
+  retrieval counts, document frequency = how many background retrievals (one head's top-k
+  for one token, on the streams trained so far; kept per expert in
+  ``PEERLayer.background``: no old text needed) selected the expert. With ``sparse_growth`` it also grows as ``freeze-all`` does: the new
   rows train in full (isolated from old queries), the old rows' experts (not their keys)
   only where TF-IDF selects them.
 
@@ -178,7 +178,7 @@ class SparseSelection:
     def of(cls, model: PEERLM, top_t: int) -> SparseSelection:
         """Over each layer's experts as they are now: ids beyond them (grown after this) are
         new rows, always trained."""
-        idf = [torch.log((layer.background_batches + 1) / (layer.background + 1)) for layer in model.peer_layers().values()]
+        idf = [torch.log((layer.background_docs + 1) / (layer.background + 1)) for layer in model.peer_layers().values()]
         return cls(idf, top_t)
 
     def __call__(self, counts: list[Tensor]) -> list[Tensor | None]:
@@ -208,21 +208,24 @@ class Growth:
 
 @torch.no_grad()
 def record_background(model: PEERLM, blocks: np.ndarray, batch_size: int, max_batches: int = 32) -> int:
-    """Add ``blocks``' batches to every PEER layer's background usage (per expert: in how many
-    batches it was retrieved). Returns the batches counted."""
+    """Add the first ``max_batches`` batches of ``blocks`` to every PEER layer's background
+    usage: per expert, how many (token, head) retrievals selected it (its document
+    frequency), and how many retrievals there were. Returns the batches counted.
+
+    Documents are single retrievals, not batches: a batch of a few thousand tokens touches
+    nearly every expert of a pool of thousands, so per-batch presence saturates (idf 0 for
+    almost every expert, measured on the benchmark's base model) and TF-IDF ranks nothing."""
     layers = model.peer_layers()
-    if not layers:
+    if not layers or len(blocks) == 0:
         return 0
-    n = min(max_batches, -(-len(blocks) // batch_size))
-    for b in range(n):
-        with recording(layers, counts=True) as recs:
-            evaluate_loss(model, blocks[b * batch_size : (b + 1) * batch_size])
-        for name, layer in layers.items():
-            counts = recs[name].counts
-            assert counts is not None
-            layer.background[: counts.numel()] += (counts > 0).to(layer.background.dtype)
-            layer.background_batches += 1
-    return n
+    with recording(layers, counts=True) as recs:
+        evaluate_loss(model, blocks, batch_size=batch_size, max_batches=max_batches)
+    for name, layer in layers.items():
+        counts = recs[name].counts
+        assert counts is not None
+        layer.background[: counts.numel()] += counts.to(layer.background.dtype)
+        layer.background_docs += counts.sum() / layer.config.top_k  # tokens x heads
+    return min(max_batches, -(-len(blocks) // batch_size))
 
 
 @torch.no_grad()
@@ -308,5 +311,5 @@ def _sparse(model: PEERLM, cfg: CycleConfig) -> Growth:
         layer.row_keys.requires_grad_(False)
         layer.col_keys.requires_grad_(False)
         layer.freeze_query()
-    background = int(next(iter(layers.values())).background_batches)
-    return Growth({"grown_rows": 0, "top_t": cfg.top_t, "background_batches": background}, sparse=SparseSelection.of(model, cfg.top_t))
+    background = int(next(iter(layers.values())).background_docs)
+    return Growth({"grown_rows": 0, "top_t": cfg.top_t, "background_docs": background}, sparse=SparseSelection.of(model, cfg.top_t))

@@ -139,10 +139,11 @@ class PEERLayer(nn.Module):
         # Query anchors: a sample of the queries (after BatchNorm, heads flattened) this layer
         # saw on the streams it was trained on; no text. Growth keeps new keys off them.
         self.register_buffer("anchors", torch.empty(0, c.d_key, device=device, dtype=dtype))  # (A, dk)
-        # Background usage of the streams trained so far: in how many of their batches each
-        # expert was retrieved (the document frequency of sparse memory finetuning).
+        # Background usage of the streams trained so far, the document frequency of sparse memory
+        # finetuning with one head's top-k for one token as the document: per expert, in how
+        # many such retrievals it was selected, and how many there were.
         self.register_buffer("background", torch.zeros(c.n_rows * c.n_cols, device=device))  # (N,)
-        self.register_buffer("background_batches", torch.zeros((), device=device))
+        self.register_buffer("background_docs", torch.zeros((), device=device))
         self.shards: list[Shard] = [Shard(0, c.n_rows)]
         self.grads = ExpertGrads()
         self.query_frozen = False

@@ -303,7 +303,7 @@ def run_arm(arm: Arm, policy: str, base: Path, root: Path, s: Sizes, args: argpa
         "arm": arm.name,
         "about": arm.about,
         "model": arm.model,
-        "policy": policy,
+        "policy": policy + ("+growth" if arm.sparse_growth else ""),
         "replay_ratio": arm.replay_ratio,
         "distill_weight": arm.distill_weight,
         "loss_matrix": matrix.to_dict(),

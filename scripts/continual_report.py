@@ -59,6 +59,10 @@ def summarise(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "met": bool(b_ok), "miss_nats": None if b_ok or pd is None or pb is None else pb - (1 + PLASTICITY_TARGET) * pd,
         },
     }
+    # Memory first (the system's promise), then learning: a fixed rule, stated before the runs.
+    remembers = [r for r in growth if fd > 0 and r["mean_forgetting"] <= FORGET_TARGET * fd and r["mean_new_stream_loss"] is not None]
+    summary["recommended_arm"] = (min(remembers, key=lambda r: r["mean_new_stream_loss"]) if remembers
+                                  else min(growth, key=lambda r: r["mean_forgetting"]))["arm"]
     summary["arms_meeting_both"] = [
         r["arm"] for r in growth
         if fd > 0 and r["mean_forgetting"] <= FORGET_TARGET * fd and r["mean_new_stream_loss"] is not None
@@ -121,6 +125,8 @@ def print_summary(results: dict[str, dict[str, Any]], summary: dict[str, Any], o
         verdict = "MET" if b["met"] else f"MISSED by {b['miss_nats']:.3f} nats ({b['ratio'] - 1 - PLASTICITY_TARGET:+.1%} past the limit)"
         print(f"(b) new-stream loss within 5% of dense: {best} {b['best']:.3f} vs dense {b['dense']:.3f} "
               f"= {b['ratio'] - 1:+.1%} -> {verdict}", file=out)
+    print(f"recommended (memory first: of the arms without replay meeting (a), the lowest new-stream loss; if none "
+          f"meets it, the lowest forgetting): {summary['recommended_arm']}", file=out)
     both = summary.get("arms_meeting_both") or []
     print(f"arms without replay meeting both targets: {', '.join(both) if both else 'none'}", file=out)
     b_r = results[best]

@@ -52,3 +52,41 @@ def test_bench_continual_smoke(tmp_path, request):
         dense = json.loads(again.stdout.splitlines()[0])
         if seed == 0:  # the same base and the same cycles: the same matrix
             assert dense["loss_matrix"]["values"] == by_arm["dense"]["loss_matrix"]["values"]
+
+
+def _scripts(name: str):
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+
+
+def _arm(name: str, forgetting: float, new: float, final: float, model: str = "peer", policy: str = "freeze-all") -> dict:
+    return {"arm": name, "model": model, "policy": policy, "replay_ratio": 0.0, "mean_forgetting": forgetting,
+            "mean_new_stream_loss": new, "final_mean_loss": final}
+
+
+def test_the_recommended_arm_remembers_first_then_learns():
+    report = _scripts("continual_report")
+    dense = _arm("dense", 0.20, 2.50, 2.70, model="dense", policy="full")
+    learns = _arm("learns", 0.15, 2.55, 2.60)  # best final mean, but forgets 75% of dense
+    remembers = _arm("remembers", 0.01, 2.80, 2.70)
+    both_ok = _arm("remembers-and-learns", 0.015, 2.75, 2.69)
+    s = report.summarise({r["arm"]: r for r in (dense, learns, remembers, both_ok)})
+    assert s["best_growth_arm"] == "learns" and s["recommended_arm"] == "remembers-and-learns"
+    assert s["arms_meeting_both"] == []  # 2.75 > 1.05 x 2.50
+    s = report.summarise({r["arm"]: r for r in (dense, learns)})
+    assert s["recommended_arm"] == "learns"  # none meets (a): the one forgetting least
+
+
+def test_sparse_arms_take_their_top_t_from_the_name():
+    bench = _scripts("bench_continual")
+    assert bench.arm_named("sparse-t64").top_t == 64 and bench.arm_named("sparse-t64").policy == "sparse"
+    grow = bench.arm_named("sparse-grow-t16")
+    assert (grow.top_t, grow.sparse_growth, grow.isolation) == (16, True, True)
+    assert bench.arm_named("sparse").top_t is None
+    for bad in ("sparse-t0", "sparse-tx", "freeze-all-t4", "nope"):
+        assert bench.arm_named(bad) is None
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--arms", "dense,sparse-t0"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "unknown arm(s): sparse-t0" in proc.stderr

@@ -78,7 +78,7 @@ def test_freeze_experts_keeps_old_experts_and_keys_bit_identical(chain):
     assert any(not torch.equal(a, cm.dense_state_dict()[k]) for k, a in pm.dense_state_dict().items())  # dense trained
 
 
-RECORDED = (".anchors", ".background", ".background_batches")  # what a cycle records in the dense object, not weights
+RECORDED = (".anchors", ".background", ".background_docs")  # what a cycle records in the dense object, not weights
 
 
 def test_freeze_all_keeps_every_old_weight_bit_identical(chain, tiny_config):
@@ -213,3 +213,27 @@ def test_optimizer_state_is_committed_and_resumed_by_the_next_cycle(after_a):
     assert b.metrics["resumed_optimizer"] and not c.metrics["resumed_optimizer"]
     state = after_a.load_optimizer(b.version)
     assert any(k.startswith("adamw.") for k in state) and any(k.startswith("rows.") for k in state)
+
+
+@pytest.mark.parametrize("growth", [False, True], ids=["sparse", "sparse-growth"])
+def test_a_sparse_cycle_commits_its_few_changed_rows_as_deltas_and_checks_out_exactly(after_a, tiny_config, growth):
+    store = after_a
+    parent = store.version(store.head())
+    res = cycle(store, "b", cfg("sparse", top_t=4, sparse_growth=growth, epochs=0.2))
+    v = store.version(res.version)
+    assert res.policy == "sparse" and v.metrics["top_t"] == 4
+    assert v.metrics["grown_rows"] == (GROW if growth else 0)
+    assert (v.metrics.get("routing_isolation") is True) == growth  # the grown rows are isolated from a's anchors
+    old = {(s.layer, s.row_start, s.row_end): s for s in parent.shards}
+    kept = [s for s in v.shards if (s.layer, s.row_start, s.row_end) in old]
+    assert len(kept) == len(old)
+    changed = [s for s in kept if s.id != old[(s.layer, s.row_start, s.row_end)].id]
+    assert changed and all(s.is_delta and s.base_id == old[(s.layer, s.row_start, s.row_end)].id for s in changed)
+    grown = [s for s in v.shards if (s.layer, s.row_start, s.row_end) not in old]
+    assert len(grown) == (len({s.layer for s in parent.shards}) if growth else 0)
+    model, _ = checkout_model(store, v.id, device="cpu")
+    again, _ = checkout_model(store, v.id, device="cpu")
+    for (n, a), (_, b) in zip(model.peer_layers().items(), again.peer_layers().items()):
+        assert torch.equal(a.expert_u, b.expert_u) and torch.equal(a.all_row_keys(), b.all_row_keys()), n
+    for n, layer in checkout_model(store, parent.id, device="cpu")[0].peer_layers().items():
+        assert torch.equal(model.peer_layers()[n].all_row_keys()[: layer.n_rows], layer.all_row_keys())  # old keys kept

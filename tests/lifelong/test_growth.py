@@ -269,3 +269,18 @@ def test_top_t_above_the_experts_of_a_layer_is_a_config_error(model):
     for cfg in (policy("sparse", top_t=10_000), policy("sparse", top_t=10_000, sparse_growth=True)):
         with pytest.raises(ConfigError, match="top_t=10000 exceeds the 64 experts"):
             apply_policy(copy.deepcopy(model), cfg, new_blocks())
+
+
+def test_background_counts_retrievals_so_tf_idf_does_not_saturate(model):
+    from lifelong.growth import SparseSelection, record_background
+
+    blocks = new_blocks(8, seed=3)
+    assert record_background(model, blocks, batch_size=4, max_batches=1) == 1  # the first batch only
+    for layer in model.peer_layers().values():
+        heads, k = layer.config.heads, layer.config.top_k
+        assert float(layer.background_docs) == 4 * L * heads  # one document per (token, head) retrieval
+        assert float(layer.background.sum()) == 4 * L * heads * k
+    # a batch of 64 tokens touches nearly every one of the 64 experts: per-batch presence would
+    # give almost every expert idf 0; per retrieval the idf still tells them apart
+    (idf, *_) = SparseSelection.of(model, top_t=4).idf
+    assert int((idf > 0).sum()) == 64 and float(idf.max() - idf.min()) > 0.5
