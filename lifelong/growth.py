@@ -10,9 +10,9 @@
   much more than the background does, ranked by TF-IDF: term frequency = the batch's
   retrieval counts, document frequency = how many background retrievals (one head's top-k
   for one token, on the streams trained so far; kept per expert in
-  ``PEERLayer.background``: no old text needed) selected the expert. With ``sparse_growth`` it also grows as ``freeze-all`` does: the new
-  rows train in full (isolated from old queries), the old rows' experts (not their keys)
-  only where TF-IDF selects them.
+  ``PEERLayer.background``: no old text needed) selected the expert. With ``sparse_growth``
+  it also grows as ``freeze-all`` does: the new rows train in full (isolated from old
+  queries), the old rows' experts (not their keys) only where TF-IDF selects them.
 
 New row keys start from the new data's queries (``key_init="queries"``): k-means centres
 of the row halves of the queries the new stream produces, so new experts are reached by
@@ -32,8 +32,8 @@ keep their experts while new-domain queries, away from the anchors, move to the 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -171,7 +171,7 @@ def _inside_point(q1: Tensor, allowed: Tensor, steps: int = 3000) -> Tensor:
 class SparseSelection:
     """Per batch and layer, the ``top_t`` experts by TF-IDF against the background usage."""
 
-    idf: list[Tensor]  # per layer (in peer_layers() order): (N_old,) log((B + 1) / (df + 1))
+    idf: list[Tensor]  # per layer (in peer_layers() order): (N_old,) log((D + 1) / (df + 1)), D retrievals
     top_t: int
 
     @classmethod
@@ -264,6 +264,9 @@ def apply_policy(model: PEERLM, cfg: CycleConfig, new_blocks: np.ndarray) -> Gro
         return Growth({"grown_rows": 0})
     if cfg.policy == "sparse" and not cfg.sparse_growth:
         return _sparse(model, cfg)
+    if not layers:
+        raise ConfigError(f"policy {cfg.policy} grows PEER layers, and the model has none (a dense model): "
+                          "use --policy full")
     keys = init_new_keys(model, new_blocks, cfg.grow_rows, seed=cfg.seed) if cfg.key_init == "queries" else {}
     for layer in layers.values():
         layer.freeze()
@@ -294,6 +297,8 @@ def apply_policy(model: PEERLM, cfg: CycleConfig, new_blocks: np.ndarray) -> Gro
 
 
 def _check_top_t(model: PEERLM, top_t: int) -> None:
+    if not model.peer_layers():
+        raise ConfigError("policy sparse trains expert rows: the model has no PEER layer")
     smallest = min(layer.num_experts for layer in model.peer_layers().values())
     require(top_t <= smallest, "top_t", f"top_t={top_t} exceeds the {smallest} experts of a PEER layer")
 
@@ -301,8 +306,6 @@ def _check_top_t(model: PEERLM, top_t: int) -> None:
 def _sparse(model: PEERLM, cfg: CycleConfig) -> Growth:
     """Everything frozen but the expert rows, which train only where the selection says."""
     layers = model.peer_layers()
-    if not layers:
-        raise ConfigError("policy sparse trains expert rows: the model has no PEER layer")
     _check_top_t(model, cfg.top_t)
     for p in model.parameters():
         p.requires_grad_(False)

@@ -260,7 +260,8 @@ def build_base(root: Path, kind: str, mc: ModelConfig, s: Sizes, cache: Path, ar
 def base_store(root: Path, kind: str, mc: ModelConfig, s: Sizes, cache: Path, args: argparse.Namespace) -> tuple[Path, dict]:
     """:func:`build_base`, or with ``--reuse-bases`` the base an earlier run left in the work
     dir when it was built from the same model, sizes, streams and seed."""
-    key = json.loads(json.dumps({"model": asdict(mc), "sizes": asdict(s), "streams": args.stream or args.stream_order, "seed": args.seed}))
+    sizes = {k: v for k, v in asdict(s).items() if k not in ("budget", "grow_rows")}  # what the base does not depend on
+    key = json.loads(json.dumps({"model": asdict(mc), "sizes": sizes, "streams": args.stream or args.stream_order, "seed": args.seed}))
     record = root / f"base-{kind}.json"
     if args.reuse_bases and record.exists():
         saved = json.loads(record.read_text())
@@ -339,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--smoke", action="store_true", help="tiny model and budgets (seconds; the test)")
     p.add_argument("--json", action="store_true", help="one JSON object per arm and a summary on stdout (tables go to stderr)")
     p.add_argument("--budget", type=int, help="tokens per growth cycle (default: by mode; 200000 for the full run)")
+    p.add_argument("--grow-rows", type=int, help="rows each growth adds per PEER layer (default: by mode; 8 for the full run: +25%%)")
     p.add_argument("--base-budget", type=int, help="tokens of the base cycle on stdlib (default: by mode; 400000 for the full run)")
     p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, from: {', '.join(ARMS)} (default: all)")
     p.add_argument("--replay-policy", choices=GROWTH_POLICIES, help="growth policy of the replay arms (default: the better one)")
@@ -375,7 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     order = list(ARMS)  # fixed order: the replay arms need the growth arms first; a sweep sits after its base arm
     arms = sorted(names, key=lambda a: (order.index(a) if a in ARMS else order.index(a.rpartition("-t")[0]) + 0.5, a))
     s = MODES["smoke" if args.smoke else "quick" if args.quick else "full"]
-    s = replace(s, budget=args.budget or s.budget, base_budget=args.base_budget or s.base_budget)
+    if args.grow_rows is not None and args.grow_rows <= 0:
+        p.error("--grow-rows must be positive")
+    s = replace(s, budget=args.budget or s.budget, base_budget=args.base_budget or s.base_budget, grow_rows=args.grow_rows or s.grow_rows)
     torch.set_num_threads(args.threads)
     out = sys.stderr if args.json else sys.stdout
 

@@ -116,11 +116,24 @@ def test_cycle_guard_and_eval(store_dir, capsys):
 
 
 @pytest.mark.parametrize("argv", [["cycle"], ["cycle", "--stream", "a", "--policy", "bogus"],
-                                  ["cycle", "--stream", "a", "--grow-rows", "0"], ["eval", "--bogus"]])
+                                  ["cycle", "--stream", "a", "--grow-rows", "0"], ["cycle", "--stream", "a", "--top-t", "0"],
+                                  ["cycle", "--stream", "a", "--top-t", "-3"], ["eval", "--bogus"]])
 def test_usage_errors_exit_2(tmp_path, argv, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--store", str(tmp_path), *argv])
     assert exc.value.code == 2
+
+
+def test_sparse_cycles_from_the_cli_with_and_without_growth(store_dir, capsys):
+    assert run(store_dir, "train", "--stream", "a", *FAST, capsys=capsys)[0] == 0  # a trained parent
+    code, _, err = run(store_dir, "cycle", "--stream", "b", *FAST, "--policy", "sparse", "--top-t", "100000", capsys=capsys)
+    assert code == 1 and "top_t=100000 exceeds the 64 experts" in err and err.count("\n") == 1 and "Traceback" not in err
+    code, out, err = run(store_dir, "cycle", "--stream", "b", *FAST, "--policy", "sparse", "--sparse-growth", "--top-t", "4",
+                         "--json", capsys=capsys)
+    assert code == 0, err
+    m = json.loads(out)["metrics"]
+    assert m["policy"] == "sparse" and m["top_t"] == 4 and m["grown_rows"] == 2 and m["routing_isolation"] is True
+    assert json.loads(out)["config"]["sparse_growth"] is True
 
 
 def test_bad_config_is_one_line(store_dir, tmp_path, capsys):

@@ -284,3 +284,35 @@ def test_background_counts_retrievals_so_tf_idf_does_not_saturate(model):
     # give almost every expert idf 0; per retrieval the idf still tells them apart
     (idf, *_) = SparseSelection.of(model, top_t=4).idf
     assert int((idf > 0).sum()) == 64 and float(idf.max() - idf.min()) > 0.5
+
+
+def test_a_version_that_counted_background_batches_checks_out_and_runs_sparse(tmp_path, tiny_config):
+    from lifelong.checkpoint import checkout_model, commit_model, init_store
+
+    store, _ = init_store(str(tmp_path / "s"), tiny_config(block_size=L, peer_layers=[0, 1]))
+    m, origin = checkout_model(store, device="cpu")
+    for layer in m.peer_layers().values():  # as the previous release recorded it: per-batch presence
+        layer.background += 3.0
+    dense = m.dense_state_dict
+    renamed = lambda: {(k.replace(".background_docs", ".background_batches")): (v + 3 if k.endswith("_docs") else v)
+                       for k, v in dense().items()}
+    m.dense_state_dict = renamed
+    v = commit_model(store, m, origin=origin, message="as an older version").version
+    assert any(k.endswith(".background_batches") for k in store.load_dense(v.id))
+    old, _ = checkout_model(store, v.id, device="cpu")
+    for layer in old.peer_layers().values():
+        assert float(layer.background_docs) == 3.0 and float(layer.background.max()) == 3.0
+    growth = apply_policy(old, policy("sparse", top_t=4), new_blocks())
+    train_steps(old, growth, steps=1)  # trains, and the next background adds retrieval counts on top
+    store.close()
+
+
+@pytest.mark.parametrize("cfg", [policy("freeze-all"), policy("freeze-experts"), policy("sparse"), policy("sparse", sparse_growth=True)],
+                         ids=["freeze-all", "freeze-experts", "sparse", "sparse-growth"])
+def test_growth_and_sparse_on_a_dense_model_are_a_clear_error(tiny_model, cfg):
+    from lifelong.errors import ConfigError
+
+    dense = tiny_model(block_size=L, peer_layers=[])
+    with pytest.raises(ConfigError, match="the model has no PEER layer|the model has none"):
+        apply_policy(dense, cfg, new_blocks())
+    assert apply_policy(dense, policy("full"), new_blocks()).info == {"grown_rows": 0}  # a dense fine-tune is fine
