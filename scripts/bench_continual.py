@@ -30,13 +30,16 @@ Per arm: the loss matrix (held-out nats/byte), forgetting, final mean held-out l
 new-stream loss after each cycle (plasticity) and the routing retention of each earlier
 stream; then a summary and the two targets for the best arm WITHOUT replay (lowest final
 mean held-out loss) against the dense fine-tune: (a) mean forgetting <= 10% of the dense
-fine-tune's, (b) new-stream loss within 5%.
+fine-tune's, (b) new-stream loss within 5%; and the recommended arm, memory first: of the
+arms without replay meeting (a), the lowest new-stream loss (if none does, the one that
+forgets least).
 
     python scripts/bench_continual.py                 # full run
     python scripts/bench_continual.py --quick         # tiny budgets, a few minutes
     python scripts/bench_continual.py --smoke         # tiny model too, seconds (the test)
     python scripts/bench_continual.py --json --plot arms.png
     python scripts/bench_continual.py --order pydoc,licenses,stdlib --seed 1
+    python scripts/bench_continual.py --arms dense,sparse-t4,sparse-t16,sparse-grow-t16   # a top-t sweep
     python scripts/bench_continual.py --stream news=./news/:paragraph --stream tickets=./t.txt:line
 """
 
