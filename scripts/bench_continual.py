@@ -378,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown arm(s): {', '.join(unknown) or '(none given)'}; choose from {', '.join(ARMS)}, sparse-tN, sparse-grow-tN")
     chosen = {a: arm_named(a) for a in names}
     order = list(ARMS)  # fixed order: the replay arms need the growth arms first; a sweep sits after its base arm
-    arms = sorted(names, key=lambda a: (order.index(a) if a in ARMS else order.index(a.rpartition("-t")[0]) + 0.5, a))
+    arms = sorted(names, key=lambda a: (order.index(a) if a in ARMS else order.index(a.rpartition("-t")[0]) + 0.5,
+                                        chosen[a].top_t or 0))
     s = MODES["smoke" if args.smoke else "quick" if args.quick else "full"]
     if args.grow_rows is not None and args.grow_rows <= 0:
         p.error("--grow-rows must be positive")
