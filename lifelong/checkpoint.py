@@ -338,7 +338,7 @@ def checkout_model(
         layer.background_docs = docs if docs is not None else layer.background_docs.new_zeros(())
     missing, unexpected = model.load_state_dict(dense, strict=False)
     # Tables live in shards; anchors and background counts are absent from older versions.
-    tables = ("expert_u", "expert_v", "row_keys", "frozen_row_keys", "anchors", "background", "background_docs", "background_batches")
+    tables = ("expert_u", "expert_v", "row_keys", "frozen_row_keys", "anchors", "background", "background_docs")
     missing = [k for k in missing if not k.endswith(tables)]
     if missing or unexpected:
         raise LifelongError(f"version {info.id}: dense weights do not fit the model (missing {missing}, unexpected {unexpected})")

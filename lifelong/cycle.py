@@ -150,8 +150,7 @@ def run_cycle(
 
             torch.manual_seed(cfg.seed)
             growth = apply_policy(model, cfg, new_blocks)  # grow
-            grows = cfg.policy in ("freeze-experts", "freeze-all") or (cfg.policy == "sparse" and cfg.sparse_growth)
-            if grows and cfg.routing_isolation and growth.isolation is None:
+            if growth.info["grown_rows"] and cfg.routing_isolation and growth.isolation is None:
                 log(f"cycle {c.id}: version {parent.id} has no query anchors (made before them, or by a dense model): "
                     "growth without routing isolation")
 

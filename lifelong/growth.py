@@ -262,11 +262,11 @@ def apply_policy(model: PEERLM, cfg: CycleConfig, new_blocks: np.ndarray) -> Gro
         for layer in layers.values():
             layer.unfreeze()
         return Growth({"grown_rows": 0})
+    if not layers:
+        raise ConfigError(f"policy {cfg.policy} trains PEER layers, and the model has none (a dense model): "
+                          "use --policy full")
     if cfg.policy == "sparse" and not cfg.sparse_growth:
         return _sparse(model, cfg)
-    if not layers:
-        raise ConfigError(f"policy {cfg.policy} grows PEER layers, and the model has none (a dense model): "
-                          "use --policy full")
     keys = init_new_keys(model, new_blocks, cfg.grow_rows, seed=cfg.seed) if cfg.key_init == "queries" else {}
     for layer in layers.values():
         layer.freeze()
@@ -297,8 +297,6 @@ def apply_policy(model: PEERLM, cfg: CycleConfig, new_blocks: np.ndarray) -> Gro
 
 
 def _check_top_t(model: PEERLM, top_t: int) -> None:
-    if not model.peer_layers():
-        raise ConfigError("policy sparse trains expert rows: the model has no PEER layer")
     smallest = min(layer.num_experts for layer in model.peer_layers().values())
     require(top_t <= smallest, "top_t", f"top_t={top_t} exceeds the {smallest} experts of a PEER layer")
 

@@ -238,11 +238,10 @@ def test_default_holder_names_the_host_and_process(engine):
     assert Lease(engine).holder == holder_name()
 
 
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)  # SQLite is one host's file: that host's clock
 def test_lease_times_are_the_database_servers(engine, backend, monkeypatch):
     """Hosts sharing a PostgreSQL server agree on expiry whatever their clocks say: a host
     whose clock runs an hour fast neither takes a live lease nor renews one an hour long."""
-    if backend.name != "postgresql":
-        pytest.skip("SQLite is one host's file: its leases use that host's clock")
     import lifelong.records as records
 
     steady = Lease(engine, holder="steady", ttl_s=60)
