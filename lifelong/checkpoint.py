@@ -42,6 +42,7 @@ from expert_store import (Columns, DeltaShard, ExistingShard, ExpertStore, NewSh
 
 from .config import ModelConfig, config_from_dict, config_to_dict
 from .errors import LifelongError
+from .branches import pop_branches
 from .model import PEERLM, resolve_device
 from .peer import PEERLayer, Shard
 
@@ -327,6 +328,7 @@ def checkout_model(
                 residency.evict([s.id])
     _materialise(model, device)
     dense = store.load_dense(info.id, device)
+    model.branches = pop_branches(dense)  # none in versions made without policy branch
     for name, layer in layers.items():
         # Anchors vary in number and the background counts follow growth: take the stored
         # shapes. Versions made before either existed have none: empty anchors, zero counts.

@@ -28,7 +28,7 @@ __all__ = [
     "config_from_dict", "require", "add_cycle_flags", "cycle_settings", "cycle_config", "positive_int",
 ]
 
-POLICIES = ("full", "freeze-experts", "freeze-all", "sparse")
+POLICIES = ("full", "freeze-experts", "freeze-all", "sparse", "branch")
 KEY_INITS = ("queries", "random")
 
 T = TypeVar("T")
@@ -193,7 +193,8 @@ class CycleConfig:
     policy: str = _flag("freeze-all", "freeze-all: grow, only the new rows train (with routing isolation old text keeps "
                         "its outputs; docs/continual.md); freeze-experts: grow, old experts and keys frozen, dense parts "
                         "train; full: fine-tune all, no growth; sparse: no growth, only the top-t experts per batch by "
-                        "TF-IDF train", choices=POLICIES)
+                        "TF-IDF train; branch: grow, freeze the parent's dense weights as a branch that sees only the old "
+                        "experts, train the dense parts and new rows, predict with the branches' posterior mixture", choices=POLICIES)
     grow_rows: int = _flag(8, "rows added to every PEER layer (ignored by `full`, and by `sparse` without --sparse-growth)", type=positive_int, metavar="N")
     token_budget: int | None = _flag(1_000_000, "new tokens taken from the stream per cycle", "--budget", type=positive_int, metavar="TOKENS")
     epochs: float = _flag(1.0, "passes over the new data (sets the number of steps)", type=float)

@@ -150,7 +150,7 @@ def run_cycle(
 
             torch.manual_seed(cfg.seed)
             growth = apply_policy(model, cfg, new_blocks)  # grow
-            if growth.info["grown_rows"] and cfg.routing_isolation and growth.isolation is None:
+            if growth.info["grown_rows"] and cfg.routing_isolation and growth.isolation is None and cfg.policy != "branch":
                 log(f"cycle {c.id}: version {parent.id} has no query anchors (made before them, or by a dense model): "
                     "growth without routing isolation")
 

@@ -13,6 +13,10 @@
   ``PEERLayer.background``: no old text needed) selected the expert. With ``sparse_growth``
   it also grows as ``freeze-all`` does: the new rows train in full (isolated from old
   queries), the old rows' experts (not their keys) only where TF-IDF selects them.
+- ``branch``: first freezes the parent's dense weights as a branch that sees only the rows
+  that exist now (:mod:`lifelong.branches`), then grows and trains as ``freeze-experts``.
+  Prediction mixes the branches by their posterior on the context, so old text is predicted
+  by its own, unchanged branch (within ``log K / L`` nats per token); no isolation is needed.
 
 New row keys start from the new data's queries (``key_init="queries"``): k-means centres
 of the row halves of the queries the new stream produces, so new experts are reached by
@@ -44,6 +48,7 @@ from torch import Tensor
 
 from .config import CycleConfig, require
 from .errors import ConfigError
+from .branches import snapshot
 from .evaluate import evaluate_loss
 from .model import PEERLM
 from .peer import PEERLayer, product_key_topk, recording
@@ -262,15 +267,21 @@ def apply_policy(model: PEERLM, cfg: CycleConfig, new_blocks: np.ndarray) -> Gro
         for layer in layers.values():
             layer.unfreeze()
         return Growth({"grown_rows": 0})
+    if cfg.policy == "branch":
+        model.branches.append(snapshot(model))  # before growth: it sees the rows of today
+        if not layers:  # a dense model: a branch of the dense weights, nothing to grow
+            return Growth({"grown_rows": 0, "branches": len(model.branches)})
     if not layers:
         raise ConfigError(f"policy {cfg.policy} trains PEER layers, and the model has none (a dense model): "
-                          "use --policy full")
+                          "use --policy full or branch")
     if cfg.policy == "sparse" and not cfg.sparse_growth:
         return _sparse(model, cfg)
     keys = init_new_keys(model, new_blocks, cfg.grow_rows, seed=cfg.seed) if cfg.key_init == "queries" else {}
     for layer in layers.values():
         layer.freeze()
-    isolation = RoutingIsolation.before_growth(model, cfg.isolation_margin) if cfg.routing_isolation else None
+    # Old branches never see the new rows: isolation would only cost the live branch plasticity.
+    isolate = cfg.routing_isolation and cfg.policy != "branch"
+    isolation = RoutingIsolation.before_growth(model, cfg.isolation_margin) if isolate else None
     selection = None
     if cfg.policy == "sparse":  # sparse with growth: TF-IDF over the old experts; the new ones always train
         _check_top_t(model, cfg.top_t)
@@ -291,6 +302,8 @@ def apply_policy(model: PEERLM, cfg: CycleConfig, new_blocks: np.ndarray) -> Gro
     info: dict[str, Any] = {"grown_rows": cfg.grow_rows, "routing_isolation": isolation is not None}
     if selection is not None:
         info["top_t"] = cfg.top_t
+    if cfg.policy == "branch":
+        info["branches"] = len(model.branches)
     if isolation is not None:
         info["isolation_keys_moved_at_growth"] = isolation.project()
     return Growth(info, isolation, sparse=selection)

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from streams import ByteTokenizer
 
+from .branches import Branch, branch_state, mixture_log_probs
 from .config import ModelConfig
 from .errors import ConfigError
 from .peer import PEERLayer
@@ -77,6 +78,7 @@ class PEERLM(nn.Module):
         self.pos = nn.Embedding(c.block_size, c.d_model)
         self.blocks = nn.ModuleList(Block(c, i in (c.peer_layers or [])) for i in range(c.n_layers))
         self.norm = nn.RMSNorm(c.d_model)
+        self.branches: list[Branch] = []  # earlier cycles' frozen dense weights (policy branch, lifelong.branches)
         nn.init.normal_(self.embed.weight, std=0.02)
         nn.init.normal_(self.pos.weight, std=0.01)
 
@@ -106,20 +108,29 @@ class PEERLM(nn.Module):
 
     def dense_state_dict(self) -> dict[str, Tensor]:
         """Everything except the expert tables and row keys (those live in shards); the PEER
-        layers' query anchors included."""
+        layers' query anchors and the frozen branches included."""
         skip = ("expert_u", "expert_v", "row_keys", "frozen_row_keys")
-        return {k: v for k, v in self.state_dict().items() if not k.endswith(skip)}
+        return {**{k: v for k, v in self.state_dict().items() if not k.endswith(skip)}, **branch_state(self.branches)}
 
     # ------------------------------------------------------------------------- forward
-    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """idx: (B, L) token ids -> logits (B, L, V), mean cross-entropy if targets given."""
+    def forward(self, idx: Tensor, targets: Tensor | None = None, *, mixture: bool | None = None) -> tuple[Tensor, Tensor | None]:
+        """idx: (B, L) token ids -> logits (B, L, V), mean cross-entropy if targets given.
+
+        With frozen branches, evaluation (``mixture`` None and eval mode, or True) predicts
+        with their posterior mixture (the logits are then log-probabilities); training fits
+        the live weights alone."""
         B, L = idx.shape
         if L > self.config.block_size:
             raise ConfigError(f"sequence length {L} exceeds the model's block_size={self.config.block_size}")
-        x = self.embed(idx) + self.pos(torch.arange(L, device=idx.device))  # (B, L, d)
-        for block in self.blocks:
-            x = block(x)
-        logits = self.norm(x) @ self.embed.weight.t()  # (B, L, V), tied weights
+        if mixture is None:
+            mixture = bool(self.branches) and not self.training
+        if mixture:
+            logits = mixture_log_probs(self, idx)  # (B, L, V)
+        else:
+            x = self.embed(idx) + self.pos(torch.arange(L, device=idx.device))  # (B, L, d)
+            for block in self.blocks:
+                x = block(x)
+            logits = self.norm(x) @ self.embed.weight.t()  # (B, L, V), tied weights
         loss = None
         if targets is not None:
             loss = F.cross_entropy(

@@ -148,6 +148,7 @@ class PEERLayer(nn.Module):
         self.grads = ExpertGrads()
         self.query_frozen = False
         self.old_experts_open = False  # policy sparse with growth: frozen rows' experts may train
+        self.visible_rows: int | None = None  # retrieval sees rows [0, visible_rows) only (a frozen branch)
         self._recording: Recording | None = None
         self.expert_slice: ExpertSlice | None = None  # set by slice_experts (expert parallel)
 
@@ -210,7 +211,7 @@ class PEERLayer(nn.Module):
     def retrieve(self, q: Tensor, candidates: int | None = None) -> tuple[Tensor, Tensor]:
         """q: (T, h, dk) -> scores (T, h, k), expert ids (T, h, k)."""
         cand = self.config.candidates if candidates is None else candidates
-        return product_key_topk(q, self.all_row_keys(), self.col_keys, self.config.top_k, cand)
+        return product_key_topk(q, self.all_row_keys()[: self.visible_rows], self.col_keys, self.config.top_k, cand)
 
     def forward(self, x: Tensor) -> Tensor:
         c = self.config

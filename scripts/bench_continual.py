@@ -18,6 +18,10 @@ training settings for every arm:
     sparse-grow         sparse + growth: new rows (isolated) train in full, old experts
                         only where TF-IDF picks them
     sparse-tN, sparse-grow-tN   the same with top-t = N (a sweep: sparse-t32,sparse-t64,...)
+    branch              grow + freeze old experts and keys; the parent's dense weights are kept
+                        as a frozen branch that sees only the old experts; prediction mixes the
+                        branches by their posterior on the context (lifelong.branches)
+    dense-branch        control: branches of the dense model (no growth)
     replay              control: the better of freeze-experts / freeze-all + 25% replay
     replay-distill      control: the same plus distillation to the previous version
 
@@ -101,6 +105,9 @@ ARMS = {
         Arm("sparse", "peer", "sparse", about="PEER, sparse memory finetuning: top-t experts per batch by TF-IDF, no growth"),
         Arm("sparse-grow", "peer", "sparse", about="PEER, sparse + growth: new rows (isolated) train, old experts top-t by TF-IDF",
             isolation=True, sparse_growth=True),
+        Arm("branch", "peer", "branch", about="PEER, grow + freeze old experts; the parent's dense weights stay as a branch "
+            "that sees only the old experts; prediction mixes the branches by their posterior"),
+        Arm("dense-branch", "dense", "branch", about="control: the dense model with branches (no growth, no PEER)"),
         Arm("replay", "peer", None, 0.25, about="best growth policy + 25% replay"),
         Arm("replay-distill", "peer", None, 0.25, 1.0, about="best growth policy + 25% replay + distillation"),
     )
