@@ -190,11 +190,12 @@ class TrainConfig:
 class CycleConfig:
     """One growth cycle: what grows, what trains, on how much data, and the guard."""
 
-    policy: str = _flag("freeze-all", "freeze-all: grow, only the new rows train (with routing isolation old text keeps "
-                        "its outputs; docs/continual.md); freeze-experts: grow, old experts and keys frozen, dense parts "
+    policy: str = _flag("branch", "branch: grow; the parent's dense weights stay as a frozen branch that sees only the old "
+                        "experts, the dense parts and new rows train, and prediction mixes the branches by their posterior "
+                        "on the context (old text keeps its outputs; docs/continual.md); freeze-all: grow, only the new rows "
+                        "train (with routing isolation); freeze-experts: grow, old experts and keys frozen, dense parts "
                         "train; full: fine-tune all, no growth; sparse: no growth, only the top-t experts per batch by "
-                        "TF-IDF train; branch: grow, freeze the parent's dense weights as a branch that sees only the old "
-                        "experts, train the dense parts and new rows, predict with the branches' posterior mixture", choices=POLICIES)
+                        "TF-IDF train", choices=POLICIES)
     grow_rows: int = _flag(8, "rows added to every PEER layer (ignored by `full`, and by `sparse` without --sparse-growth)", type=positive_int, metavar="N")
     token_budget: int | None = _flag(1_000_000, "new tokens taken from the stream per cycle", "--budget", type=positive_int, metavar="TOKENS")
     epochs: float = _flag(1.0, "passes over the new data (sets the number of steps)", type=float)
@@ -205,12 +206,15 @@ class CycleConfig:
     distill_temperature: float = _flag(1.0, "softmax temperature of the distillation", type=float, metavar="T")
     key_init: str = _flag("queries", "new row keys from k-means of the new data's queries, or random", choices=KEY_INITS)
     routing_isolation: bool = _flag(True, "keep new row keys out of the top-k of earlier streams' query anchors, so old "
-                                    "text keeps its experts (growth policies)", action=argparse.BooleanOptionalAction)
+                                    "text keeps its experts (freeze-all, freeze-experts, sparse with growth; branch needs none: its old "
+                                    "branches never see new rows)", action=argparse.BooleanOptionalAction)
     top_t: int = _flag(256, "policy sparse: expert rows trained per batch and layer (top-t by TF-IDF against the "
                        "background usage of earlier streams)", type=positive_int, metavar="N")
     sparse_growth: bool = _flag(False, "policy sparse: also grow --grow-rows rows per layer, trained in full (isolated "
                                 "from old queries); old rows' experts train only where TF-IDF picks them",
                                 action=argparse.BooleanOptionalAction)
+    max_branches: int = _flag(8, "policy branch: at most this many frozen branches (each costs one forward of the dense "
+                              "parts at prediction); beyond, a cycle runs freeze-all instead", type=positive_int, metavar="N")
     isolation_margin: float = _flag(0.1, "relative margin below an anchor's k-th old score that new rows must stay", type=float,
                                     metavar="FRACTION")
     eval_tokens: int = _flag(32_768, "held-out tokens per stream (a stable prefix)", type=positive_int, metavar="TOKENS")
@@ -233,6 +237,7 @@ class CycleConfig:
         require(self.epochs > 0, "epochs", "must be positive")
         require(self.eval_tokens > 0, "eval_tokens", "must be positive")
         require(self.top_t > 0, "top_t", f"must be a positive integer, got {self.top_t}")
+        require(self.max_branches > 0, "max_branches", f"must be a positive integer, got {self.max_branches}")
         require(self.isolation_margin >= 0, "isolation_margin", f"must be >= 0, got {self.isolation_margin}")
 
 

@@ -141,6 +141,11 @@ def run_cycle(
                 check_layout(dist.world, cfg.train.batch_size, parent.config.get("model", {}).get("d_model"), dist.expert_parallel)
             # expert parallel: each rank reads only its columns of the expert tables
             model, origin = checkout_model(store, parent.id, device=c.device, expert_slice=dist.expert_slice if dist else None)
+            if cfg.policy == "branch" and len(model.branches) >= cfg.max_branches:
+                log(f"cycle {c.id}: version {parent.id} has {len(model.branches)} branches (--max-branches {cfg.max_branches}): "
+                    "this cycle runs freeze-all (only new rows train, with routing isolation) instead of adding one, "
+                    "so that prediction cost stays bounded")
+                cfg = c.cfg = dataclasses.replace(cfg, policy="freeze-all")
             mc = model.config
             new_blocks = data.blocks(mc.block_size, seed=cfg.seed).astype(np.int64)
             log(f"cycle {c.id}: stream '{stream}', {data.train_docs} docs / {data.train_token_count} tokens new "

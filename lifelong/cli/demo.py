@@ -37,8 +37,8 @@ def demo_model_config() -> ModelConfig:
 def _cycle_config(first: bool, quick: bool, seed: int) -> CycleConfig:
     budget = (40_000 if first else 15_000) if quick else (2_000_000 if first else 600_000)
     train = TrainConfig(batch_size=16, lr=2e-3, expert_lr=2e-2, warmup_steps=20, seed=seed)
-    return CycleConfig(  # growth cycles: the defaults (freeze-all + routing isolation), no replay
-        policy="full" if first else "freeze-all",
+    return CycleConfig(  # growth cycles: the default policy (branch), no replay
+        policy="full" if first else "branch",
         grow_rows=8,
         token_budget=budget,
         eval_tokens=8_192 if quick else 65_536,
@@ -78,7 +78,7 @@ def run_demo(args: argparse.Namespace) -> int:
             if stream in done:
                 print(f"- {stream}: already trained in this store (skipped)")
                 continue
-            what = "base training (policy full)" if i == 0 else "growth cycle (grow, freeze everything old, routing isolation; no replay)"
+            what = "base training (policy full)" if i == 0 else "growth cycle (policy branch: grow, the old dense weights kept as a branch; no replay)"
             print(f"\n== {stream}: {what}")
             result = run_cycle(
                 store, registry, stream, _cycle_config(i == 0, args.quick, args.seed),

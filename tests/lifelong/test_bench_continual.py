@@ -15,7 +15,7 @@ def test_bench_continual_smoke(tmp_path, request):
     # packages: keep them across runs (pytest's cache) when there is one.
     # (no cache with -p no:cacheprovider: a temporary directory then)
     cache = request.config.cache.mkdir("bench_continual_defaults") if getattr(request.config, "cache", None) else tmp_path / "cache"
-    arms = ["dense", "freeze-experts", "replay-distill"]
+    arms = ["dense", "freeze-experts", "branch", "replay-distill"]
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--smoke", "--json", "--threads", "1", "--arms", ",".join(arms),
          "--work-dir", str(tmp_path / "work"), "--cache-dir", str(cache)],
@@ -34,10 +34,11 @@ def test_bench_continual_smoke(tmp_path, request):
     by_arm = {r["arm"]: r for r in lines[:-1]}
     assert by_arm["dense"]["experts"] == 0 and by_arm["freeze-experts"]["experts"] > 0
     assert by_arm["replay-distill"]["policy"] == "freeze-experts"  # freeze-all did not run
+    assert by_arm["branch"]["policy"] == "branch" and by_arm["branch"]["experts"] == by_arm["freeze-experts"]["experts"]
     # every PEER arm starts from the same base version: identical first row
     assert by_arm["freeze-experts"]["loss_matrix"]["values"][0] == by_arm["replay-distill"]["loss_matrix"]["values"][0]
     summary = lines[-1]["summary"]
-    assert summary["best_growth_arm"] in ("freeze-experts", "replay-distill")
+    assert summary["best_growth_arm"] in ("freeze-experts", "branch")
     assert set(summary["targets"]) == {"a_forgetting", "b_plasticity"}
     assert "summary" in proc.stderr and "loss matrix" in proc.stderr
     # a second run in the same work dir reuses the dense base (same model, sizes, streams, seed)

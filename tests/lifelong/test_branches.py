@@ -149,3 +149,17 @@ def test_a_branch_cycle_keeps_the_old_stream_within_the_bound(tmp_path, tiny_con
 
 def store_block(store: ExpertStore) -> int:
     return int(store.config["model"]["block_size"])
+
+
+def test_past_max_branches_a_branch_cycle_runs_freeze_all_and_says_so(tmp_path, tiny_config):
+    store = ExpertStore.open(make_store(tmp_path / "root", tiny_config()))
+    for s in "abc":
+        registry(store).ingest(s, None, BUDGET, use_staged=False)
+    cycle(store, "a", cfg("full"))
+    assert cycle(store, "b", cfg("branch", max_branches=1)).metrics["policy"] == "branch"
+    said: list[str] = []
+    res = cycle(store, "c", cfg("branch", max_branches=1), log=said.append)
+    assert res.metrics["policy"] == "freeze-all" and "branches" not in res.metrics
+    assert any("has 1 branches (--max-branches 1)" in line and "freeze-all" in line for line in said)
+    assert len(checkout_model(store, res.version, device="cpu")[0].branches) == 1  # kept, not grown
+    store.close()

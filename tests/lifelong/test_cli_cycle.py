@@ -46,7 +46,7 @@ def show(store_dir, version: str, capsys) -> dict:
 
 
 def test_cycle_guard_and_eval(store_dir, capsys):
-    # The first cycle on the untrained base is trained in full whatever the policy (default freeze-all).
+    # The first cycle on the untrained base is trained in full whatever the policy (default branch).
     code, out, err = run(store_dir, "cycle", "--stream", "a", *FAST, "--json", capsys=capsys)
     assert code == 0, err
     res = json.loads(out)  # stdout is pure JSON; the cycle's log lines went to stderr
@@ -59,7 +59,7 @@ def test_cycle_guard_and_eval(store_dir, capsys):
     # The version records the resolved cycle config (defaults < flags, every field; the policy
     # that ran), its training config as run: the steps and warm-up the cycle derived from the data.
     resolved = config_to_dict(cycle_config({"grow_rows": 2, "token_budget": 20000, "eval_tokens": 2048, "batch_size": 8}))
-    assert resolved["policy"] == "freeze-all" and resolved["routing_isolation"] is True
+    assert resolved["policy"] == "branch" and resolved["max_branches"] == 8
     saved = show(store_dir, "HEAD", capsys)["config"]["run"]["cycle"]
     assert res["config"] == saved and {**saved, "train": None} == {**resolved, "policy": "full", "train": None}
     derived = {"steps": None, "warmup_steps": None}

@@ -158,7 +158,7 @@ def test_add_cycle_flags_one_flag_per_setting_with_help():
     assert actions["distill_weight"].option_strings == ["--distill"]
     assert actions["grow_rows"].option_strings == ["--grow-rows"]
     assert actions["expert_lr"].option_strings == ["--expert-lr"]
-    assert list(actions["policy"].choices) == ["full", "freeze-experts", "freeze-all", "sparse"]
+    assert list(actions["policy"].choices) == ["full", "freeze-experts", "freeze-all", "sparse", "branch"]
 
 
 def test_cycle_config_defaults_then_flags():
