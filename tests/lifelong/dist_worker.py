@@ -218,6 +218,7 @@ def check_cycles(dist: Dist, dp: str, ep: str) -> dict[str, Any]:
         raise StoreWriteError("disk full while writing the store database; nothing was committed")
 
     cycle("data_parallel", dp, "b")
+    cycle("branch", dp, "c", "--policy", "branch")  # a frozen branch; held-out loss through the mixture, split across ranks
     cycle("expert_parallel", ep, "b", "--expert-parallel")
     cycle("head_moved", ep, "c", "--expert-parallel", commit=moved_then_commit)
     cycle("failed", ep, "c", "--expert-parallel", commit=disk_full)

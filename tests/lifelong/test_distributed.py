@@ -200,6 +200,24 @@ def test_head_moved_or_a_failed_commit_ends_every_rank_the_same_way(ranks):
     assert store.verify() == []
 
 
+def test_a_data_parallel_branch_cycle_equals_one_process(ranks, trained, tmp_path):
+    r0 = ranks["ranks"][0]["cycles"]
+    assert r0["branch"]["exit"] == 0 and "committed version 4" in r0["branch"]["said"], r0["branch"]["said"]
+    store = ExpertStore.open(_copy(trained, tmp_path / "one"))
+    cycle(store, "b", _cfg())
+    res = cycle(store, "c", _cfg("branch"))
+    two = ExpertStore.open(ranks["dp"])
+    assert res.version == 4 and res.metrics["branches"] == two.version(4).metrics["branches"] == 1
+    ma, mb = (checkout_model(s, 4, device="cpu")[0] for s in (store, two))
+    sa, sb = ma.dense_state_dict(), mb.dense_state_dict()
+    assert sa.keys() == sb.keys() and any(k.startswith("branch.0.") for k in sa)
+    for name in sa:  # retrieval counts are whole numbers: weights 1e-5 apart may break a near tie the other way
+        rtol = 1e-2 if name.endswith("background") else 0
+        torch.testing.assert_close(sb[name], sa[name], rtol=rtol, atol=ATOL, msg=lambda m, n=name: f"{n}: {m}")
+    for s, loss in res.metrics["losses"].items():  # the mixture's held-out loss, each rank its share of the rows
+        assert two.version(4).metrics["losses"][s] == pytest.approx(loss, abs=1e-4)
+
+
 # ------------------------------------------------------------------ a rank dies; equality with 1 process
 def _rank_pid(store: Path, rank: int) -> int | None:
     for entry in Path("/proc").iterdir():
