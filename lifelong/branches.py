@@ -19,7 +19,8 @@ bit-identical), the mean loss rises by at most ``log K / L`` nats per token, wha
 new branches learned. Training fits the live branch alone (``model.train()``); evaluation
 and generation (``model.eval()``) use the mixture.
 
-The price is compute at prediction time: one forward of the dense parts per branch.
+The price is compute at prediction time: one forward pass per branch (queries, retrieval and
+dense layers; the expert tables are shared, not copied).
 """
 
 from __future__ import annotations

@@ -146,6 +146,9 @@ def run_cycle(
                     "this cycle runs freeze-all (only new rows train, with routing isolation) instead of adding one, "
                     "so that prediction cost stays bounded")
                 cfg = c.cfg = dataclasses.replace(cfg, policy="freeze-all")
+            if model.branches and cfg.policy in ("full", "sparse"):
+                log(f"warning: version {parent.id} has {len(model.branches)} frozen branches, and policy {cfg.policy} trains "
+                    "the experts they share: their predictions of earlier streams will change")
             mc = model.config
             new_blocks = data.blocks(mc.block_size, seed=cfg.seed).astype(np.int64)
             log(f"cycle {c.id}: stream '{stream}', {data.train_docs} docs / {data.train_token_count} tokens new "

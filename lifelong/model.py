@@ -82,6 +82,12 @@ class PEERLM(nn.Module):
         nn.init.normal_(self.embed.weight, std=0.02)
         nn.init.normal_(self.pos.weight, std=0.01)
 
+    def _apply(self, fn, recurse=True):  # .to(), .cuda(), .double(): the frozen branches move along
+        super()._apply(fn, recurse)
+        for b in self.branches:
+            b.tensors = {k: fn(v) for k, v in b.tensors.items()}
+        return self
+
     # --------------------------------------------------------------------------- parts
     def peer_layers(self) -> dict[str, PEERLayer]:
         """PEER layers by module name, e.g. ``{"blocks.2.ffn": layer}``."""

@@ -118,6 +118,10 @@ def test_branches_are_committed_and_checked_out(tmp_path, tiny_config):
     with torch.no_grad():
         assert torch.equal(back(idx)[0], m(idx)[0])
     assert checkout_model(store, plain.id, device="cpu")[0].branches == []  # a version made without has none
+    wide = back.double()  # branches follow .to() / .double() / .cuda()
+    assert back.branches[0].tensors["embed.weight"].dtype == torch.float64
+    with torch.no_grad():
+        torch.testing.assert_close(wide(idx)[0].float(), m(idx)[0], atol=1e-3, rtol=0)  # float32 vs float64
     store.close()
 
 
@@ -162,4 +166,8 @@ def test_past_max_branches_a_branch_cycle_runs_freeze_all_and_says_so(tmp_path, 
     assert res.metrics["policy"] == "freeze-all" and "branches" not in res.metrics
     assert any("has 1 branches (--max-branches 1)" in line and "freeze-all" in line for line in said)
     assert len(checkout_model(store, res.version, device="cpu")[0].branches) == 1  # kept, not grown
+    said.clear()
+    store.rollback(res.version - 1, why="test: back before c")
+    cycle(store, "c", cfg("sparse", top_t=4), log=said.append)  # trains experts the frozen branch reads: said
+    assert any("1 frozen branches" in line and "policy sparse trains the experts they share" in line for line in said)
     store.close()
