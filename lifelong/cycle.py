@@ -173,7 +173,8 @@ def run_cycle(
                 replayed_rows=trained.replayed_rows, distilled_rows=trained.distilled_rows, new_docs=data.train_docs,
                 new_tokens=data.train_token_count, bad_rows=data.bad_rows,
                 global_step=int(parent.metrics.get("global_step", 0)) + trained.steps, resumed_optimizer=trained.resumed_optimizer,
-                experts=sum(layer.num_experts for layer in model.peer_layers().values()), **growth.info,
+                experts=sum(layer.num_experts for layer in model.peer_layers().values()), branches=len(model.branches),
+                **growth.info,
             )
             if growth.isolation is not None:
                 metrics["isolation_violations"] = growth.isolation.violations()

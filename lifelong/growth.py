@@ -270,7 +270,7 @@ def apply_policy(model: PEERLM, cfg: CycleConfig, new_blocks: np.ndarray) -> Gro
     if cfg.policy == "branch":
         model.branches.append(snapshot(model))  # before growth: it sees the rows of today
         if not layers:  # a dense model: a branch of the dense weights, nothing to grow
-            return Growth({"grown_rows": 0, "branches": len(model.branches)})
+            return Growth({"grown_rows": 0})
     if not layers:
         raise ConfigError(f"policy {cfg.policy} trains PEER layers, and the model has none (a dense model): "
                           "use --policy full or branch")
@@ -302,8 +302,6 @@ def apply_policy(model: PEERLM, cfg: CycleConfig, new_blocks: np.ndarray) -> Gro
     info: dict[str, Any] = {"grown_rows": cfg.grow_rows, "routing_isolation": isolation is not None}
     if selection is not None:
         info["top_t"] = cfg.top_t
-    if cfg.policy == "branch":
-        info["branches"] = len(model.branches)
     if isolation is not None:
         info["isolation_keys_moved_at_growth"] = isolation.project()
     return Growth(info, isolation, sparse=selection)

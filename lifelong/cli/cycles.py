@@ -85,7 +85,8 @@ def _print_result(res: CycleResult, store: ExpertStore, cfg: CycleConfig, parent
     limit = "" if cfg.max_forgetting is None else f" (guard: max {cfg.max_forgetting:g})"
     print("forgetting (nats, > 0 is worse): "
           + ("  ".join(f"{s} {fmt(v, '+.3f')}" for s, v in forgetting.items()) or "none (no earlier stream)") + limit)
-    print(f"experts: {m.get('experts')} (+{m.get('experts', 0) - parent_experts}), "
+    branches = f", {m['branches']} frozen branches (prediction mixes them)" if m.get("branches") else ""
+    print(f"experts: {m.get('experts')} (+{m.get('experts', 0) - parent_experts}){branches}, "
           f"train loss {fmt(m.get('train_loss'))}, {m.get('tokens_per_s', 0):,.0f} tokens/s")
     if res.accepted:
         print(f"committed version {res.version}: HEAD {res.parent} -> {head}")
