@@ -159,15 +159,15 @@ def test_past_max_branches_a_branch_cycle_runs_freeze_all_and_says_so(tmp_path, 
     store = ExpertStore.open(make_store(tmp_path / "root", tiny_config()))
     for s in "abc":
         registry(store).ingest(s, None, BUDGET, use_staged=False)
-    cycle(store, "a", cfg("full"))
-    assert cycle(store, "b", cfg("branch", max_branches=1)).metrics["policy"] == "branch"
+    cycle(store, "a", cfg("full", epochs=0.25))
+    assert cycle(store, "b", cfg("branch", max_branches=1, epochs=0.25)).metrics["policy"] == "branch"
     said: list[str] = []
-    res = cycle(store, "c", cfg("branch", max_branches=1), log=said.append)
+    res = cycle(store, "c", cfg("branch", max_branches=1, epochs=0.25), log=said.append)
     assert res.metrics["policy"] == "freeze-all" and res.metrics["branches"] == 1
     assert any("has 1 branches (--max-branches 1)" in line and "freeze-all" in line for line in said)
     assert len(checkout_model(store, res.version, device="cpu")[0].branches) == 1  # kept, not grown
     said.clear()
     store.rollback(res.version - 1, why="test: back before c")
-    cycle(store, "c", cfg("sparse", top_t=4), log=said.append)  # trains experts the frozen branch reads: said
+    cycle(store, "c", cfg("sparse", top_t=4, epochs=0.25), log=said.append)  # trains experts the frozen branch reads: said
     assert any("1 frozen branches" in line and "policy sparse trains the experts they share" in line for line in said)
     store.close()
