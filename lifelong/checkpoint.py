@@ -40,9 +40,9 @@ from torch import nn
 from expert_store import (Columns, DeltaShard, ExistingShard, ExpertStore, NewShard, PartInfo, Residency, SlicedShard,
                           StoreError, StoreWriteError, VersionInfo)
 
+from .branches import pop_branches
 from .config import ModelConfig, config_from_dict, config_to_dict
 from .errors import LifelongError
-from .branches import pop_branches
 from .model import PEERLM, resolve_device
 from .peer import PEERLayer, Shard
 

@@ -46,9 +46,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .branches import snapshot
 from .config import CycleConfig, require
 from .errors import ConfigError
-from .branches import snapshot
 from .evaluate import evaluate_loss
 from .model import PEERLM
 from .peer import PEERLayer, product_key_topk, recording
