@@ -38,7 +38,7 @@ fine-tune's, (b) new-stream loss within 5%; and the recommended arm, memory firs
 arms without replay meeting (a), the lowest new-stream loss (if none does, the one that
 forgets least).
 
-    python scripts/bench_continual.py                 # full run, the default arms (~25 min)
+    python scripts/bench_continual.py                 # full run, the default arms (16-19 min here)
     python scripts/bench_continual.py --arms all      # every arm
     python scripts/bench_continual.py --quick         # tiny budgets, a few minutes
     python scripts/bench_continual.py --smoke         # tiny model too, seconds (the test)
@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base-budget", type=int, help="tokens of the base cycle on stdlib (default: by mode; 400000 for the full run)")
     p.add_argument("--arms", default=",".join(DEFAULT_ARMS),
                    help=f"comma-separated, from: {', '.join(ARMS)}, or 'all' (default: {','.join(DEFAULT_ARMS)}: "
-                        "the recommended policy, the one it replaced, sparse, the controls; about 25 minutes here)")
+                        "the recommended policy, the one it replaced, sparse, the controls; 16-19 minutes on a 2-core CPU)")
     p.add_argument("--replay-policy", choices=GROWTH_POLICIES, help="growth policy of the replay arms (default: the better one)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--device", default="cpu")
